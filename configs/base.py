@@ -1,0 +1,86 @@
+"""Shared base configuration: the DDPM CIFAR-10 recipe (REFERENCE.md §1, §3, §4).
+
+Every other config file starts from `get_base_config()` and states only what differs.
+Every value can be overridden on the command line, e.g. `--config.training.batch_size=64`.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = data = ml_collections.ConfigDict()
+    data.name = "cifar10"  # cifar10 | celeb_a_hq | lsun_bedroom | lsun_church | lsun_cat | digits | swissroll
+    data.image_size = 32
+    data.channels = 3
+    data.random_flip = True
+    data.data_dir = ""  # tfds data_dir, or the folder holding LSUN TFRecords; "" = tfds default
+    data.tfrecord_pattern = ""  # LSUN: glob of TFRecord files, relative to data_dir if not absolute
+    data.train_split = "train"
+    data.eval_split = "test"
+    data.num_classes = 10  # classes in the dataset (used only when the model is conditional)
+    data.prefetch = 2
+
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.schedule = "linear"  # linear | cosine | quad | const | jsd | warmup10 | warmup50
+    diffusion.num_timesteps = 1000
+    diffusion.beta_start = 1e-4
+    diffusion.beta_end = 0.02
+    diffusion.model_output = "eps"  # eps | x0 | xprev | v
+    diffusion.model_var_type = "fixed_large"  # fixed_large | fixed_small | learned | learned_range
+    diffusion.loss_type = "mse"  # mse | kl | hybrid
+    diffusion.hybrid_lambda = 0.001
+    diffusion.timestep_sampler = "uniform"  # uniform | loss_aware
+    diffusion.history_per_term = 10
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "unet"  # unet | mlp
+    model.ch = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.dropout = 0.1
+    model.resamp_with_conv = True
+    model.num_groups = 32
+    model.norm_eps = 1e-6
+    model.num_classes = 0  # 0: unconditional; >0: class-conditional with an extra null class
+    model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    model.hidden = 128  # mlp only
+    model.depth = 3  # mlp only
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128  # global batch, split over all devices of all hosts
+    training.num_train_steps = 800_000
+    training.learning_rate = 2e-4
+    training.warmup_steps = 5000
+    training.grad_clip = 1.0
+    training.ema_decay = 0.9999
+    training.label_dropout = 0.0  # probability of replacing the label by the null class (CFG)
+    training.steps_per_call = 1
+    training.log_every = 100
+    training.sample_every = 10_000
+    training.checkpoint_every = 10_000
+    training.keep = 3  # most recent checkpoints kept
+    training.keep_every = 50_000  # and every K-th step kept for evaluation
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "ancestral"  # ancestral | ddim
+    sampling.respacing = ""  # "" full chain; "100" K evenly spaced; "10,10,10" sections; "ddim50"
+    sampling.eta = 0.0
+    sampling.clip_denoised = True
+    sampling.guidance_scale = 0.0  # classifier-free guidance weight w (0 = off)
+    sampling.num_samples = 50_000
+    sampling.batch_size = 256
+    sampling.preview_respacing = "100"  # short chain for previews during training
+    sampling.preview_num = 64
+
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.once = False
+    ev.num_samples = 50_000
+    ev.bpd_num_examples = 10_000
+    ev.batch_size = 256
+    ev.inception_weights = ""  # path to pt_inception-2015-12-05-6726825d.pth ("" = cache/download)
+    ev.poll_seconds = 60
+    return config

@@ -1,0 +1,213 @@
+"""Noise schedules and the immutable `Diffusion` pytree that every diffusion function takes.
+
+Beta schedules follow the official DDPM code (`linear`, `quad`, `const`, `jsd`, `warmup10`,
+`warmup50`) and IDDPM (`cosine`, eq. 17 with s = 0.008, betas clipped at 0.999). All derived
+quantities are computed in float64 NumPy and stored as float32 arrays, the same precision
+contract as the reference implementations.
+
+Indexing convention: array index `i` (0-based) is the paper's timestep t = i + 1, so
+`alphas_cumprod[0]` is alphabar_1 and `alphas_cumprod_prev[0]` is alphabar_0 = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+SCHEDULES = ("linear", "cosine", "quad", "const", "jsd", "warmup10", "warmup50")
+MODEL_OUTPUTS = ("eps", "x0", "xprev", "v")
+MODEL_VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")
+
+
+def _check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+def cosine_alphas_cumprod(t: np.ndarray, num_timesteps: int, s: float = 0.008) -> np.ndarray:
+    """IDDPM eq. 17: alphabar(t) = f(t) / f(0), f(t) = cos(((t/T + s) / (1 + s)) * pi/2)^2."""
+    f = lambda u: np.cos((u / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    return f(np.asarray(t, np.float64)) / f(0.0)
+
+
+def get_beta_schedule(
+    name: str,
+    num_timesteps: int,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    max_beta: float = 0.999,
+) -> np.ndarray:
+    """Returns betas [T] in float64 for a named schedule (DDPM §4 / official code, IDDPM §3.2)."""
+    _check_choice("diffusion.schedule", name, SCHEDULES)
+    if int(num_timesteps) != num_timesteps or num_timesteps < 1:
+        raise ValueError(f"diffusion.num_timesteps={num_timesteps!r} must be an integer >= 1")
+    T = int(num_timesteps)
+    if name == "linear":
+        betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    elif name == "quad":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    elif name == "const":
+        betas = np.full(T, beta_end, dtype=np.float64)
+    elif name == "jsd":  # 1/T, 1/(T-1), ..., 1
+        betas = 1.0 / np.linspace(T, 1, T, dtype=np.float64)
+    elif name in ("warmup10", "warmup50"):
+        betas = np.full(T, beta_end, dtype=np.float64)
+        warmup = int(T * {"warmup10": 0.1, "warmup50": 0.5}[name])
+        betas[:warmup] = np.linspace(beta_start, beta_end, warmup, dtype=np.float64)
+    else:  # cosine
+        ac = cosine_alphas_cumprod(np.arange(T + 1), T)
+        betas = np.minimum(1.0 - ac[1:] / ac[:-1], max_beta)
+    check_betas(betas)
+    return betas
+
+
+def check_betas(betas: np.ndarray) -> None:
+    betas = np.asarray(betas)
+    if betas.ndim != 1 or betas.size < 1:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    bad = ~((betas > 0) & (betas <= 1))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"betas must lie in (0, 1]; betas[{i}] = {float(betas[i])!r}")
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
+    """Timesteps to keep when respacing (IDDPM §4.3 strided sampling).
+
+    `section_counts` is "K" (K steps evenly spaced over [0, T-1], rounded), a comma list such
+    as "10,15,20" (the chain is cut into equal sections, each strided to its count), or
+    "ddimN" (the DDIM stride T // N starting at 0). Returns a sorted list of 0-based indices.
+    """
+    if isinstance(section_counts, str):
+        spec = section_counts.strip()
+        if spec.startswith("ddim"):
+            n = int(spec[len("ddim") :])
+            for stride in range(1, num_timesteps + 1):
+                if len(range(0, num_timesteps, stride)) == n:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(
+                f"respacing={spec!r}: no integer stride gives {n} steps of {num_timesteps}"
+            )
+        try:
+            counts = [int(c) for c in spec.split(",")]
+        except ValueError:
+            raise ValueError(f"respacing={spec!r} is not 'K', 'K1,K2,...' or 'ddimN'") from None
+    else:
+        counts = [int(c) for c in section_counts]
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start, taken = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f"respacing: cannot take {count} steps from a section of {size}")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        position = 0.0  # accumulated like the reference so rounding ties agree
+        for _ in range(count):
+            taken.append(start + round(position))
+            position += stride
+        start += size
+    return sorted(set(taken))
+
+
+def respace_betas(betas: np.ndarray, use_timesteps: Sequence[int]) -> np.ndarray:
+    """IDDPM §4.3: beta_{S_i} = 1 - alphabar_{S_i} / alphabar_{S_{i-1}} over the kept steps."""
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, np.float64))
+    kept = alphas_cumprod[np.asarray(sorted(use_timesteps))]
+    return 1.0 - kept / np.append(1.0, kept[:-1])
+
+
+@struct.dataclass
+class Diffusion:
+    """The Gaussian diffusion as an immutable pytree of float32 [N] arrays (N = chain length).
+
+    Array fields are the DDPM quantities (eq. 4, 6, 7); `timesteps[i]` is the original
+    timestep index fed to the network at chain position i (identity unless respaced).
+    `model_output` and `model_var_type` are static: they select the parameterisation.
+    """
+
+    betas: jax.Array
+    alphas_cumprod: jax.Array
+    alphas_cumprod_prev: jax.Array
+    alphas_cumprod_next: jax.Array
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
+    log_one_minus_alphas_cumprod: jax.Array
+    sqrt_recip_alphas_cumprod: jax.Array
+    sqrt_recipm1_alphas_cumprod: jax.Array
+    posterior_variance: jax.Array
+    posterior_log_variance_clipped: jax.Array
+    posterior_mean_coef1: jax.Array
+    posterior_mean_coef2: jax.Array
+    timesteps: jax.Array
+    model_output: str = struct.field(pytree_node=False, default="eps")
+    model_var_type: str = struct.field(pytree_node=False, default="fixed_large")
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+
+def schedule_arrays(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """All derived schedule quantities in float64 (DDPM eq. 4, 6, 7; IDDPM §3.1)."""
+    betas = np.asarray(betas, np.float64)
+    check_betas(betas)
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)  # eq. 7; 0 at t = 1
+    # beta~_1 = 0, so its log is clipped by substituting beta~_2 (official code).
+    first = posterior_variance[1] if len(betas) > 1 else betas[0]
+    with np.errstate(divide="ignore"):
+        return dict(
+            betas=betas,
+            alphas_cumprod=ac,
+            alphas_cumprod_prev=ac_prev,
+            alphas_cumprod_next=np.append(ac[1:], 0.0),
+            sqrt_alphas_cumprod=np.sqrt(ac),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - ac),
+            log_one_minus_alphas_cumprod=np.log(1.0 - ac),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / ac),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / ac - 1.0),
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=np.log(np.append(first, posterior_variance[1:])),
+            posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),  # eq. 7, x_0 term
+            posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),  # x_t term
+        )
+
+
+def make_diffusion(
+    betas: np.ndarray,
+    model_output: str = "eps",
+    model_var_type: str = "fixed_large",
+    use_timesteps: Sequence[int] | None = None,
+) -> Diffusion:
+    """Builds the `Diffusion` pytree from float64 betas [T], optionally respaced to a subset."""
+    _check_choice("diffusion.model_output", model_output, MODEL_OUTPUTS)
+    _check_choice("diffusion.model_var_type", model_var_type, MODEL_VAR_TYPES)
+    betas = np.asarray(betas, np.float64)
+    check_betas(betas)
+    timesteps = np.arange(len(betas))
+    if use_timesteps is not None:
+        timesteps = np.asarray(sorted(set(int(t) for t in use_timesteps)))
+        if timesteps.size == 0 or timesteps[0] < 0 or timesteps[-1] >= len(betas):
+            raise ValueError(f"use_timesteps must lie in [0, {len(betas) - 1}]")
+        betas = respace_betas(betas, timesteps)
+    arrays = {k: jnp.asarray(v, jnp.float32) for k, v in schedule_arrays(betas).items()}
+    return Diffusion(
+        **arrays,
+        timesteps=jnp.asarray(timesteps, jnp.int32),
+        model_output=model_output,
+        model_var_type=model_var_type,
+    )
+
+
+def diffusion_from_config(cfg, respacing: str = "") -> Diffusion:
+    """`Diffusion` from `config.diffusion`; `respacing` as in `space_timesteps` ("" = full)."""
+    betas = get_beta_schedule(cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+    use = space_timesteps(len(betas), respacing) if respacing else None
+    return make_diffusion(betas, cfg.model_output, cfg.model_var_type, use)
