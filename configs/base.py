@@ -12,7 +12,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = data = ml_collections.ConfigDict()
-    data.name = "cifar10"  # cifar10 | celeb_a_hq | lsun_bedroom | lsun_church | lsun_cat | digits | swissroll
+    # cifar10 | celeb_a_hq | lsun_bedroom | lsun_church | lsun_cat | digits | swissroll
+    data.name = "cifar10"
     data.image_size = 32
     data.channels = 3
     data.random_flip = True

@@ -1,0 +1,9 @@
+"""DDPM LSUN Church 256x256 (official run script, REFERENCE.md §4): the 256x256 U-Net,
+batch 64, lr 2e-5, no dropout, 1,200,000 steps. Data: TFRecord files of 256x256
+crops under data.data_dir (see `python -m diffusion_jax.input_pipeline --prepare lsun_church`)."""
+
+from configs.celebahq256 import get_lsun_like_config
+
+
+def get_config():
+    return get_lsun_like_config("lsun_church", 1_200_000)

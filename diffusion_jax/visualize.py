@@ -1,0 +1,67 @@
+"""Pictures: image grids and strips as PNG (NHWC float images in [-1, 1])."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8 [0, 255], rounding as the official code (x * 127.5 + 127.5)."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(
+        np.uint8
+    )
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tiles [N, H, W, C] images into one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] uint8 image."""
+    images = to_uint8(images) if images.dtype != np.uint8 else images
+    n, h, w, c = images.shape
+    ncol = ncol or math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def save_png(image: np.ndarray, path: str | Path, upscale: int = 1) -> None:
+    """Writes an [H, W, C] uint8 image (C = 1 or 3) as PNG (local or gs:// paths)."""
+    from etils import epath
+    from PIL import Image
+
+    if upscale > 1:
+        image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    with epath.Path(path).open("wb") as f:
+        img.save(f, format="PNG")
+
+
+def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None) -> np.ndarray:
+    """Saves [N, H, W, C] images in [-1, 1] as one PNG grid, enlarged so small images show."""
+    grid = make_grid(np.asarray(images), ncol)
+    save_png(grid, path, upscale=max(1, 256 // max(images.shape[1], 1) // 2))
+    return grid
+
+
+def save_scatter(points: np.ndarray, path: str | Path, reference: np.ndarray | None = None) -> None:
+    """Saves 2-D points [N, 2] (and optional reference data in grey) as a PNG scatter plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from etils import epath
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    if reference is not None:
+        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.75", label="data")
+    ax.scatter(points[:, 0], points[:, 1], s=2, c="C0", label="samples")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7)
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png", bbox_inches="tight")
+    plt.close(fig)
