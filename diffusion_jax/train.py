@@ -48,7 +48,7 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     loss_history: timestep_sampler.LossHistory | None
-    nonfinite_step: jax.Array  # int32 [], the first step whose loss was not finite, or -1
+    nonfinite_step: jax.Array  # int32 [], the first step (1-based) whose loss was not finite, or -1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def train_step(
         history = timestep_sampler.update_loss_history(history, t, tracked)
     finite = jnp.isfinite(loss)
     nonfinite_step = jnp.where(
-        (state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step
+        (state.nonfinite_step < 0) & ~finite, state.step + 1, state.nonfinite_step
     )
     new_state = TrainState(
         step=state.step + 1,
@@ -359,6 +359,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         flush=True,
     )
 
+    # XLA:CPU (simulated multi-device runs) can deadlock in a collective when many sharded
+    # steps are queued at once, so there a step is finished before the next is dispatched.
+    throttle = jax.default_backend() == "cpu" and mesh.size > 1
     step, tick, tick_step = start_step, time.perf_counter(), start_step
     with _Preemption() as preemption:
         while step < total:
@@ -366,6 +369,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             local = [next(data) for _ in range(k)]
             stacked = jax.tree.map(lambda *xs: np.stack(xs), *local)
             state, metrics = train_fn(state, distributed.global_batch(stacked, mesh, 1))
+            if throttle:
+                jax.block_until_ready(metrics)
             before, step = step, step + k
             stop = preemption.requested or mngr.reached_preemption(step)
             if crossed(before, step, config.training.log_every) or step == total or stop:
@@ -400,12 +405,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def make_writer(workdir: epath.Path, is_chief: bool):
-    """TensorBoard events in `workdir` on the chief host (stdout gets our own progress line)."""
-    from clu import metric_writers
+class _NoWriter:
+    """Stands in for clu's writers where TensorBoard events cannot be written."""
 
+    def write_scalars(self, step, scalars):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+
+def make_writer(workdir: epath.Path, is_chief: bool):
+    """clu's TensorBoard writer into `workdir` on the chief host. clu's writers need
+    TensorFlow; without it (e.g. a GPU machine with JAX only) metrics go to stdout alone."""
     if not is_chief:
-        return metric_writers.MultiWriter([])
+        return _NoWriter()
+    try:
+        from clu import metric_writers
+    except ImportError:
+        print("TensorFlow is not installed: no TensorBoard events (progress goes to stdout).")
+        return _NoWriter()
     return metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(workdir)))
 
 
