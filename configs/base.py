@@ -76,6 +76,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.batch_size = 256
     sampling.preview_respacing = "100"  # short chain for previews during training
     sampling.preview_num = 64
+    sampling.checkpoint_step = -1  # --mode sample: the checkpoint to draw from (-1 = latest)
+    sampling.max_shards = 0  # --mode sample: stop after this many new shards (0 = all)
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.once = False
@@ -84,4 +86,17 @@ def get_base_config() -> ml_collections.ConfigDict:
     ev.batch_size = 256
     ev.inception_weights = ""  # path to pt_inception-2015-12-05-6726825d.pth ("" = cache/download)
     ev.poll_seconds = 60
+    # FID reference: a pytorch-fid/TTUR .npz (mu, sigma); "" = computed once from
+    # eval.fid_split and cached in $DIFFUSION_JAX_CACHE/fid_stats.
+    ev.fid_stats = ""
+    ev.fid_split = "train"  # DDPM §5: FID against the training set statistics
+    ev.fid_reference_examples = 0  # reference images (0 = the whole split)
+    ev.is_splits = 10
+    ev.is_logits_bias = False  # IS from pool3 @ W without the fc bias, as improved-gan's code
+    ev.grid_num = 64  # samples in the eval grid PNG
+    ev.progressive_steps = 10  # x0_hat snapshots in the progressive strip (DDPM Fig. 6)
+    ev.progressive_rows = 8
+    ev.interpolation_t = 500  # timestep of the latent interpolation (DDPM §4.4, Fig. 8)
+    ev.interpolation_pairs = 4
+    ev.interpolation_lambdas = 11
     return config

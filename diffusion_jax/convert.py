@@ -37,6 +37,14 @@ On-disk format of `save_imported(out_dir, ...)` (read by `load_imported`):
 
 `params` everywhere is the nested pure dict of numpy arrays of that state (list indices as
 int keys), usable with `load_params_into(model, params)` or `nnx.replace_by_pure_dict`.
+
+Workdir output (`--workdir W --config configs/cifar10.py`, `write_workdir`): `W/config.json`
+holds the experiment config merged with the imported model config (`merge_imported_config`),
+and `W/checkpoints/0` an orbax checkpoint of a full `train.TrainState` whose `params` and
+`ema_params` are the imported weights (optimiser state freshly initialised, step 0), so that
+`python -m diffusion_jax.main --config configs/cifar10.py --workdir W --mode eval
+--config.eval.once=True` (or `--mode sample`) evaluates the released model as it would a
+trained one.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -742,6 +752,72 @@ def build_imported_model(
 
 
 # ---------------------------------------------------------------------------------------
+# A workdir holding the imported model as a training checkpoint.
+
+
+def load_config_file(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
+    """`get_config()` of an experiment config file such as `configs/cifar10.py` (the
+    repository root is made importable, since config files import `configs.base`)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return runpy.run_path(os.fspath(path))["get_config"]()
+
+
+def train_state_from_params(config: ml_collections.ConfigDict, params: Params) -> Any:
+    """A `train.TrainState` for `config` whose `params` and `ema_params` are `params`, with
+    the optimiser state initialised for them and step, loss history etc. as
+    `train.init_train_state` makes them.
+
+    `init_train_state` runs under `jax.jit` with its random weights replaced, so the random
+    initialisation is dead code that XLA removes (no slow eager init of a large model).
+    `params` must match `config`'s model exactly (ValueError otherwise).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from diffusion_jax import models, train
+
+    model = nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0)))
+    load_params_into(model, params)
+    imported = jax.tree.map(jnp.asarray, nnx.state(model, nnx.Param))
+
+    def build(p):
+        _, _, state, tx = train.init_train_state(config)
+        return state.replace(params=p, ema_params=jax.tree.map(jnp.copy, p), opt_state=tx.init(p))
+
+    return jax.jit(build)(imported)
+
+
+def write_workdir(
+    workdir: str | os.PathLike[str],
+    config: ml_collections.ConfigDict,
+    model_config: ml_collections.ConfigDict,
+    params: Params,
+) -> ml_collections.ConfigDict:
+    """Write `workdir/config.json` (config merged with the imported `model_config`) and the
+    checkpoint `workdir/checkpoints/0` (see the module docstring); returns the merged config.
+
+    Refuses (ValueError) a workdir that already holds checkpoints.
+    """
+    from diffusion_jax import checkpoint
+
+    merged = merge_imported_config(config, model_config)
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        if mngr.latest_step() is not None:
+            raise ValueError(
+                f"{workdir} already holds checkpoints {list(mngr.all_steps())}; use a new --workdir"
+            )
+        checkpoint.save(mngr, 0, train_state_from_params(merged, params))
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    checkpoint.write_config(workdir, merged)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------
 # Command line.
 
 
@@ -753,13 +829,19 @@ def detect_format(source: str | os.PathLike[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--source", required=True, help="diffusers folder or TF checkpoint prefix/dir")
-    p.add_argument("--out", required=True, help="output folder (model_config.json + params)")
+    p.add_argument("--out", default="", help="output folder (model_config.json + params)")
+    p.add_argument("--workdir", default="", help="output workdir (config.json + checkpoints/0)")
+    p.add_argument("--config", default="", help="with --workdir: experiment config file")
     p.add_argument("--format", default="auto", choices=("auto", "diffusers", "tf"))
     p.add_argument("--image_size", type=int, default=None, help="TF only: image size")
     p.add_argument("--num_groups", type=int, default=32, help="TF only: GroupNorm groups")
     p.add_argument("--scope", default="model", help="TF only: model variable scope")
     p.add_argument("--no_ema", action="store_true", help="TF only: raw instead of EMA weights")
     args = p.parse_args(argv)
+    if not (args.out or args.workdir):
+        p.error("give --out DIR (imported weights) and/or --workdir DIR --config FILE")
+    if args.workdir and not args.config:
+        p.error("--workdir needs --config (e.g. configs/cifar10.py)")
     fmt = detect_format(args.source) if args.format == "auto" else args.format
     if fmt == "diffusers":
         cfg, params = convert_diffusers(args.source)
@@ -771,9 +853,17 @@ def main(argv: list[str] | None = None) -> None:
             image_size=args.image_size,
             num_groups=args.num_groups,
         )
-    save_imported(args.out, cfg, params)
     n = sum(int(v.size) for v in flatten_params(params).values())
-    print(f"converted {fmt} {args.source} -> {args.out}: {n:,} parameters")
+    if args.out:
+        save_imported(args.out, cfg, params)
+        print(f"converted {fmt} {args.source} -> {args.out}: {n:,} parameters")
+    if args.workdir:
+        write_workdir(args.workdir, load_config_file(args.config), cfg, params)
+        print(
+            f"converted {fmt} {args.source} -> workdir {args.workdir} (config.json, "
+            f"checkpoints/0): {n:,} parameters; evaluate with\n  python -m diffusion_jax.main "
+            f"--config {args.config} --workdir {args.workdir} --mode eval --config.eval.once=True"
+        )
     print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
 

@@ -65,3 +65,37 @@ def save_scatter(points: np.ndarray, path: str | Path, reference: np.ndarray | N
     with epath.Path(path).open("wb") as f:
         fig.savefig(f, format="png", bbox_inches="tight")
     plt.close(fig)
+
+
+def save_rate_distortion(rate: np.ndarray, distortion: np.ndarray, path: str | Path) -> None:
+    """DDPM Fig. 5 as one PNG of three panels, from arrays indexed by timestep i = 0..T-1.
+
+    `rate` [T] (bits/dim received once x_{i+1} is known) and `distortion` [T] (RMSE of
+    x0_hat(x_{i+1}) on the 0-255 scale), as `likelihood.rate_distortion` returns them.
+    Panels: distortion vs reverse process steps T - 1 - i, rate vs reverse steps, and
+    distortion vs rate.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from etils import epath
+
+    rate = np.asarray(rate, np.float64)
+    distortion = np.asarray(distortion, np.float64)
+    steps = rate.shape[0] - 1 - np.arange(rate.shape[0])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
+    panels = (
+        (steps, distortion, "Reverse process steps (T - t)", "Distortion (RMSE [0, 255])"),
+        (steps, rate, "Reverse process steps (T - t)", "Rate (bits/dim)"),
+        (rate, distortion, "Rate (bits/dim)", "Distortion (RMSE [0, 255])"),
+    )
+    for ax, (x, y, xlabel, ylabel) in zip(axes, panels, strict=True):
+        ax.plot(x, y, color="C0")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with epath.Path(path).open("wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)

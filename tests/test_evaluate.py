@@ -1,0 +1,286 @@
+"""The evaluation job and sample mode (diffusion_jax.evaluate) on a tiny digits model.
+
+A module-scoped fixture writes three checkpoints (steps 1, 2, 3) of a tiny U-Net (ch 8, one
+level, T = 20) with random weights; every test works on its own copy of that workdir. The
+Inception network is never built: FID/IS are either skipped (offline, no weights) or fed by
+a small fake feature function.
+"""
+
+import json
+import math
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax._src import compilation_cache
+from PIL import Image
+
+from configs.digits import get_config
+from diffusion_jax import checkpoint, convert, distributed, evaluate, generation, input_pipeline
+from diffusion_jax.metrics import fid
+
+PNG_KINDS = ("samples", "progressive", "rate_distortion", "interpolation")
+
+
+def tiny_config():
+    c = get_config()
+    c.model.ch = 8
+    c.model.ch_mult = (1,)
+    c.model.attn_resolutions = ()
+    c.model.num_groups = 4
+    c.diffusion.num_timesteps = 20
+    c.data.prefetch = 0
+    c.training.batch_size = 8
+    c.training.num_train_steps = 3
+    c.training.warmup_steps = 1
+    c.training.log_every = 1
+    c.training.checkpoint_every = 1
+    c.training.sample_every = 0
+    c.training.keep = 3
+    c.training.keep_every = 0
+    c.sampling.batch_size = 16
+    c.sampling.num_samples = 40
+    c.eval.batch_size = 16
+    c.eval.bpd_num_examples = 16
+    c.eval.num_samples = 32
+    c.eval.is_splits = 2
+    c.eval.grid_num = 8
+    c.eval.progressive_steps = 5
+    c.eval.progressive_rows = 4
+    c.eval.interpolation_t = 10
+    c.eval.interpolation_pairs = 2
+    c.eval.interpolation_lambdas = 3
+    c.eval.poll_seconds = 0
+    return c
+
+
+@pytest.fixture(scope="module", autouse=True)
+def persistent_compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module: each eval job or sampler run builds its jitted
+    functions anew (as separate processes would), so later runs load them from the cache."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    saved = {name: getattr(jax.config, name) for name in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(names[1], 0)
+    jax.config.update(names[2], 0)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def random_params(abstract_params, seed):
+    """Random weights for the model's parameter shapes (unit-variance fan-in scaling)."""
+    rng = np.random.default_rng(seed)
+    flat = convert.flatten_params(abstract_params.to_pure_dict())
+    out = {}
+    for name, s in flat.items():
+        if name.endswith("scale"):
+            out[name] = np.ones(s.shape, np.float32)
+        elif len(s.shape) > 1:
+            fan_in = int(np.prod(s.shape[:-1]))
+            out[name] = (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
+        else:
+            out[name] = (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+    return convert.unflatten_params(out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workdir as training leaves it: config.json and checkpoints at steps 1, 2, 3 (full
+    TrainStates with distinct random weights: an untrained model is enough for every check
+    below, and skips compiling a training step)."""
+    config = tiny_config()
+    workdir = tmp_path_factory.mktemp("trained")
+    _, _, abstract = evaluate.abstract_train_state(config, distributed.make_mesh())
+    mngr = checkpoint.manager(workdir / "checkpoints", async_save=False)
+    for step in (1, 2, 3):
+        state = convert.train_state_from_params(config, random_params(abstract.params, step))
+        checkpoint.save(mngr, step, state.replace(step=np.int32(step)))
+    mngr.wait_until_finished()
+    mngr.close()
+    checkpoint.write_config(workdir, config)
+    return workdir
+
+
+@pytest.fixture
+def workdir(trained, tmp_path, monkeypatch):
+    """A private copy of the trained workdir; no Inception weights reachable."""
+    monkeypatch.setenv("DIFFUSION_JAX_OFFLINE", "1")
+    monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path / "cache"))
+    return shutil.copytree(trained, tmp_path / "workdir")
+
+
+def fake_feature_fn(images):
+    """A fixed random projection of uint8 RGB NHWC images: pool3 [B, 16], logits [B, 10]."""
+    assert images.dtype == np.uint8 and images.shape[-1] == 3
+    rng = np.random.default_rng(0)
+    flat = images.reshape(len(images), -1).astype(np.float64) / 255.0
+    pool3 = flat @ rng.standard_normal((flat.shape[1], 16))
+    return pool3, pool3 @ rng.standard_normal((16, 10)) / 4.0
+
+
+def read_lines(workdir):
+    return [
+        json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def test_eval_job_evaluates_each_checkpoint_once_across_restarts(workdir, capsys):
+    """once=True does the latest; a restarted watcher does the other two and stops at
+    num_train_steps; a third start finds nothing to do. FID/IS are skipped with one notice
+    (offline, no weights); bits/dim and the four PNGs are there for every checkpoint."""
+    config = tiny_config()
+    config.eval.once = True
+    first = evaluate.evaluate_checkpoints(config, workdir)
+    assert [r["step"] for r in first] == [3]
+    config.eval.once = False
+    second = evaluate.evaluate_checkpoints(config, workdir)
+    assert [r["step"] for r in second] == [1, 2]
+    out = capsys.readouterr().out
+    notices = [line for line in out.splitlines() if "FID/IS skipped:" in line]
+    assert len(notices) == 2  # one line per job start, naming the way out
+    assert all("--config.eval.inception_weights=" in line for line in notices)
+    assert "$DIFFUSION_JAX_CACHE" not in out and "Traceback" not in out
+    third = evaluate.evaluate_checkpoints(config, workdir)
+    assert third == []
+    assert "Evaluating" not in capsys.readouterr().out
+
+    lines = read_lines(workdir)
+    assert sorted(r["step"] for r in lines) == [1, 2, 3]
+    for r in lines:
+        assert math.isfinite(r["bpd"]) and r["bpd"] > 0
+        assert r["bpd"] == pytest.approx(r["bpd_rate"] + r["bpd_distortion"], rel=1e-4)
+        assert r["bpd_num_examples"] == 16
+        assert r["fid"] is None and r["is"] is None and "weights" in r["fid_skipped"]
+        for kind in PNG_KINDS:
+            with Image.open(workdir / "eval" / f"{kind}_{r['step']:08d}.png") as img:
+                img.verify()
+                assert img.format == "PNG"
+    assert list((workdir / "eval").glob("events.out.tfevents.*"))
+
+
+def test_bpd_is_finite_and_above_the_entropy_bound(workdir):
+    """For any model, the expected NLL of data is at least the data's entropy (Gibbs), and
+    the variational bound is above the NLL (DDPM eq. 3, 5). i.i.d. uniform 8-bit pixels have
+    entropy exactly 8 bits/dim, so the bound of any model (here an untrained one, which does
+    not depend on the data drawn) on them must exceed 8; on 16
+    distinct digits (the uniform distribution over them has entropy log2(16) / 64 bits/dim)
+    it must exceed 1/16 and be finite. Rate + distortion add up to the total and the rate
+    curve of §4.3 falls from the full rate to the prior term along the timesteps."""
+    config = tiny_config()
+    mesh = distributed.make_mesh()
+    graphdef, rest, abstract = evaluate.abstract_train_state(config, mesh)
+    params = evaluate.restore_state(workdir, 3, abstract).ema_params
+    bpd_fn = evaluate.make_bpd_fn(config, generation.model_apply(graphdef, rest), mesh)
+
+    def bpd_of(images):
+        batches = [{"image": images, "label": np.zeros(len(images), np.int32)}]
+        padded = evaluate.padded_batches(batches, 16, images.shape[1:])
+        return evaluate.compute_bpd(bpd_fn, params, padded, mesh, jax.random.PRNGKey(0))
+
+    noise = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    assert bpd_of(noise)["bpd"] > 8.0
+
+    digits = next(iter(input_pipeline.create_eval_arrays(config, "test", 16, batch_size=16)))
+    assert len({img.tobytes() for img in digits["image"]}) == 16
+    result = bpd_of(digits["image"])
+    assert np.isfinite(result["bpd"]) and result["bpd"] > math.log2(16) / 64
+    assert result["bpd"] == pytest.approx(result["bpd_rate"] + result["bpd_distortion"], rel=1e-5)
+    rate = result["rate"]
+    assert rate.shape == (20,) and rate[0] == pytest.approx(result["bpd_rate"])
+    assert np.all(np.diff(rate) <= 1e-6) and rate[-1] == pytest.approx(result["bpd_prior"])
+
+    # Padding rows (mask 0) do not count: 12 real rows padded to 16 give their own mean.
+    part = [{"image": digits["image"][:12], "label": digits["label"][:12]}]
+    padded = evaluate.padded_batches(part, 16, (8, 8, 1))
+    assert evaluate.compute_bpd(bpd_fn, params, padded, mesh, jax.random.PRNGKey(0))["count"] == 12
+
+
+def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
+    config = tiny_config()  # 40 samples in shards of 16: 3 shards
+    config.sampling.max_shards = 2
+    directory = evaluate.sample(config, workdir)
+    assert directory == workdir / "samples" / "3"
+    first = sorted(directory.glob("shard_*.npz"))
+    assert [p.name for p in first] == ["shard_00000.npz", "shard_00001.npz"]
+    assert not (directory / "grid.png").exists()
+    assert "rerun to continue" in capsys.readouterr().out
+    before = {p.name: (os.stat(p).st_mtime_ns, p.read_bytes()) for p in first}
+
+    config.sampling.max_shards = 0
+    evaluate.sample(config, workdir)
+    shards = sorted(directory.glob("shard_*.npz"))
+    assert len(shards) == 3 and not list(directory.glob(".*tmp*"))
+    for name, (mtime, data) in before.items():
+        assert os.stat(directory / name).st_mtime_ns == mtime
+        assert (directory / name).read_bytes() == data
+    samples = evaluate.load_samples(directory, 40)
+    assert samples.shape == (40, 8, 8, 1) and samples.dtype == np.uint8
+    assert len(np.unique(samples.reshape(40, -1), axis=0)) == 40
+    with Image.open(directory / "grid.png") as img:
+        img.verify()
+
+    config.sampling.method = "ddim"  # other settings: resuming into this folder is refused
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate.sample(config, workdir)
+
+
+def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
+    """FID against cached training-set statistics, IS over the splits, and the sample shards
+    they are computed from; the reference statistics of the data against themselves give
+    FID 0 (up to rounding)."""
+    config = tiny_config()
+    shapes = []
+
+    def features(images):
+        shapes.append(images.shape)
+        return fake_feature_fn(images)
+
+    record = evaluate.evaluate_checkpoint(config, workdir, 3, feature_fn=features)
+    # 1797 training digits in batches of 16 (the last padded), then 2 shards of 16 samples.
+    assert set(shapes) == {(16, 8, 8, 3)} and len(shapes) == math.ceil(1797 / 16) + 2
+    assert np.isfinite(record["fid"]) and record["fid"] >= 0
+    assert 1.0 <= record["is"] <= 10.0 and record["fid_num_samples"] == 32
+    assert np.isfinite(record["bpd"])
+
+    stats_path = evaluate.reference_stats_path(config)
+    assert stats_path.name == "fid_stats_digits_train_8.npz" and stats_path.exists()
+    mu, sigma = fid.load_statistics(stats_path)
+    assert mu.shape == (16,) and sigma.shape == (16, 16)
+
+    samples = evaluate.load_samples(workdir / "eval" / "samples" / "3", 32)
+    expected = fid.frechet_distance(
+        *fid.compute_statistics(fake_feature_fn(np.repeat(samples, 3, axis=-1))[0]), mu, sigma
+    )
+    assert record["fid"] == pytest.approx(expected, rel=1e-6)
+
+    data = np.concatenate(
+        [b["image"] for b in input_pipeline.create_eval_arrays(config, "train", None)]
+    )
+    self_fid = evaluate.fid_and_inception_score(config, fake_feature_fn, [data], (mu, sigma))
+    assert abs(self_fid["fid"]) < 1e-6
+
+    # A published statistics file named by eval.fid_stats is used as is.
+    config.eval.fid_stats = str(stats_path)
+    assert evaluate.reference_stats_path(config) == stats_path
+    config.eval.fid_stats = str(workdir / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="fid_stats"):
+        evaluate.reference_statistics(config, fake_feature_fn)
+
+
+def test_picture_layouts():
+    snaps = np.arange(3 * 5).reshape(3, 5, 1, 1, 1).astype(np.float32)  # [S, B, ...]
+    images, ncol = evaluate.progressive_strip(snaps, rows=2)
+    assert ncol == 3 and images[:, 0, 0, 0].tolist() == [0, 5, 10, 1, 6, 11]
+    a, b = np.zeros((2, 1, 1, 1)), np.ones((2, 1, 1, 1))
+    mixed = np.full((3, 2, 1, 1, 1), 0.5)
+    images, ncol = evaluate.interpolation_grid(a, b, mixed)
+    assert ncol == 5 and images[:, 0, 0, 0].tolist() == [0, 0.5, 0.5, 0.5, 1] * 2
+    assert evaluate.snapshot_every(1000, 10) == 111 and evaluate.snapshot_every(20, 5) == 4
