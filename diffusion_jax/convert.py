@@ -61,6 +61,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from diffusion_jax.models import unet_kwargs
 from diffusion_jax.models.unet import UNet
 
 SEP = "/"
@@ -148,14 +149,6 @@ def _imported_config(
     return cfg
 
 
-def _out_channels(cfg: ml_collections.ConfigDict) -> int:
-    learned = "diffusion" in cfg and cfg.diffusion.get("model_var_type") in (
-        "learned",
-        "learned_range",
-    )
-    return 2 * cfg.data.channels if learned else cfg.data.channels
-
-
 def merge_imported_config(
     config: ml_collections.ConfigDict, imported: ml_collections.ConfigDict
 ) -> ml_collections.ConfigDict:
@@ -178,27 +171,9 @@ def merge_imported_config(
     return out
 
 
-def _unet_kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-    m = cfg.model
-    return dict(
-        image_size=int(cfg.data.image_size),
-        in_channels=int(cfg.data.channels),
-        out_channels=_out_channels(cfg),
-        ch=int(m.ch),
-        ch_mult=tuple(m.ch_mult),
-        num_res_blocks=int(m.num_res_blocks),
-        attn_resolutions=tuple(m.attn_resolutions),
-        dropout=float(m.dropout),
-        resamp_with_conv=bool(m.resamp_with_conv),
-        num_groups=int(m.num_groups),
-        norm_eps=float(m.norm_eps),
-        num_classes=int(m.get("num_classes", 0)),
-    )
-
-
 def expected_param_shapes(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Flat name -> shape of every U-Net parameter for an imported config (no allocation)."""
-    kwargs = _unet_kwargs(cfg)
+    kwargs = unet_kwargs(cfg)
     model = nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
     flat = flatten_params(nnx.state(model, nnx.Param).to_pure_dict())
     return {k: tuple(v.shape) for k, v in flat.items()}
@@ -745,8 +720,8 @@ def build_imported_model(
 
     The module is created abstractly (no random initialisation) and then filled.
     """
-    kwargs = _unet_kwargs(model_config)
-    model = nnx.eval_shape(lambda: UNet(**kwargs, dtype=dtype, rngs=nnx.Rngs(0)))
+    kwargs = {**unet_kwargs(model_config), "dtype": dtype}
+    model = nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
     load_params_into(model, params)
     return model
 
