@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from etils import epath
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 
 from diffusion_jax import (
     checkpoint,
@@ -452,7 +453,7 @@ def _write_preview(config, preview, state, step, workdir, writer, is_chief) -> N
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
     labels = generation.default_labels(config, config.sampling.preview_num)
     samples = np.asarray(
-        jax.experimental.multihost_utils.process_allgather(
+        multihost_utils.process_allgather(
             preview(state.ema_params, key, labels)["sample"], tiled=True
         )
     )
@@ -461,11 +462,11 @@ def _write_preview(config, preview, state, step, workdir, writer, is_chief) -> N
     path = workdir / "samples" / f"step_{step:08d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     if config.data.name == "swissroll":
-        visualize.save_scatter(samples, path)
-        return
-    grid = visualize.save_grid(samples, path)
-    writer.write_images(step, {"samples": grid[None]})
-    print(f"Wrote sample grid {path}", flush=True)
+        visualize.save_scatter(samples, path, reference=input_pipeline.make_swissroll()[:2000])
+    else:
+        grid = visualize.save_grid(samples, path)
+        writer.write_images(step, {"samples": grid[None]})
+    print(f"Wrote samples {path}", flush=True)
 
 
 def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
