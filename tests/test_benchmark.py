@@ -1,0 +1,114 @@
+"""diffusion_jax.benchmark: the harness on a tiny U-Net, and the table / comparison printers."""
+
+import copy
+import json
+
+import pytest
+
+from configs.cifar10 import get_config
+from diffusion_jax import benchmark as bench
+
+
+def _tiny_config():
+    config = get_config()
+    config.data.image_size = 8
+    config.model.ch = 8
+    config.model.ch_mult = (1,)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = ()
+    config.model.num_groups = 4
+    config.model.dropout = 0.0
+    return config
+
+
+def test_peak_table():
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert bench.peak_tflops("TPU v4") == 275.0
+    assert bench.peak_tflops("TPU v5 lite") == 197.0
+    assert bench.peak_tflops("TPU v3") * 8 == pytest.approx(420.0)
+    assert bench.peak_tflops("cpu") is None
+
+
+def test_harness_on_a_tiny_unet(tmp_path):
+    opts = bench.Options(
+        only=("train", "sample", "bpd"),
+        dtypes=("float32",),
+        batch=8,
+        warmup=0,
+        repeats=2,
+        iters=1,
+        sample_images=8,
+        sample_steps=2,
+        sample_repeats=1,
+        bpd_batch=8,
+        bpd_timesteps=2,
+        init="host",
+        num_devices=1,  # the 8-device SPMD compile is 2x slower; same code path otherwise
+    )
+    lines = []
+    result = bench.run_benchmark(_tiny_config(), opts, log=lines.append)
+    path = tmp_path / "ours.json"
+    bench.write_result(result, path)
+    result = json.loads(path.read_text())
+
+    assert result["implementation"] == "diffusion_jax"
+    assert result["device"]["count"] == 1
+    assert result["device"]["platform"] == "cpu"
+    assert result["device"]["peak_tflops_per_device"] is None
+    assert set(result["versions"]) >= {"jax", "flax"}
+    assert len(result["host"]["load_avg"]) == 3
+    assert result["checks"]["forward_gflop_per_image"]["float32"] > 0
+    assert "forward_vs_reference" not in result["checks"]  # not the CIFAR-10 model
+
+    rows = {r["task"]: r for r in result["results"]}
+    assert set(rows) == {"train", "sample", "bpd"}
+    for r in rows.values():
+        assert r["dtype"] == "float32" and r["batch"] == 8
+        assert r["seconds"] > 0 and r["images_per_s"] > 0 and r["flops"] > 0
+        assert r["mfu"] is None  # no known peak on CPU
+        assert len(r["seconds_all"]) >= 1
+    train = rows["train"]
+    assert len(train["seconds_all"]) == 2
+    leaves = int(train["donated"].split("/")[1])
+    assert train["donated"] == f"{leaves}/{leaves}"  # every state buffer aliased
+    assert train["dispatch_s_per_step"] < train["seconds"] * 5
+    assert rows["sample"]["steps"] == 2 and "reduced" in rows["sample"]["note"]
+    assert rows["bpd"]["steps"] == 2
+    table = bench.format_table(result)
+    assert "train" in table and "n/a" in table
+
+    peer = copy.deepcopy(result)
+    peer["implementation"] = "pytorch-diffusers"
+    peer["versions"] = {"torch": "2.x", "diffusers": "0.x"}
+    for r in peer["results"]:
+        r["images_per_s"] /= 2
+    peer["results"] = [r for r in peer["results"] if r["task"] != "bpd"]
+    text = bench.format_comparison(result, peer)
+    assert "2.00x" in text and "pytorch-diffusers" in text
+    assert "ours only: bpd" in text
+
+
+def test_comparison_of_two_result_files(tmp_path):
+    def result(name, speed):
+        r = bench.row("train", "float32", 16, seconds=16 / speed, seconds_all=[1.0], images=16)
+        s = bench.row("sample", "float32", 16, steps=20, seconds=4.0, seconds_all=[4.0], images=16)
+        return {
+            "implementation": name,
+            "device": {"platform": "cpu", "kind": "cpu", "count": 1},
+            "host": {"cpu_count": 2, "load_avg": [0.5, 0.5, 0.5], "date": "2026-11-23"},
+            "versions": {},
+            "results": [r, s],
+        }
+
+    bench.write_result(result("diffusion_jax", 6.0), tmp_path / "a.json")
+    bench.write_result(result("pytorch-diffusers", 4.0), tmp_path / "b.json")
+    text = bench.format_comparison(
+        bench.load_result(tmp_path / "a.json"), bench.load_result(tmp_path / "b.json")
+    )
+    lines = text.splitlines()
+    assert any(line.startswith("train") and line.endswith("1.50x") for line in lines)
+    assert any(line.startswith("sample") and line.endswith("1.00x") for line in lines)
+    assert "peak n/a" in text
