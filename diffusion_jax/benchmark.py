@@ -5,6 +5,10 @@
         [--sample_images 256] [--out result.json] [--peer]
     python -m diffusion_jax.benchmark --compare ours.json peer.json
 
+    # a few minutes on a 2-core CPU:
+    python -m diffusion_jax.benchmark --only train,sample --batch 16 --sample_steps 20 \
+        --sample_images 16 --repeats 3 --iters 1 --out ours.json
+
 Measures on whatever devices JAX sees, through the code the training and evaluation jobs
 run (`train.compile_train_fn`, `generation.make_sampler`, `likelihood.calc_bpd_loop`,
 `metrics.inception.make_feature_fn`):
@@ -12,21 +16,29 @@ run (`train.compile_train_fn`, `generation.make_sampler`, `likelihood.calc_bpd_l
 * train: images/s of the jitted, donated train step at `--batch` and, on accelerators, at
   the largest batch that fits (doubling until the device runs out of memory; `--max_batch`
   caps the search; on CPU the search is off unless `--max_batch` is given), for each compute
-  dtype of `--dtypes` (`config.model.dtype`; parameters stay float32);
+  dtype of `--dtypes` (`config.model.dtype`; parameters stay float32). On GPUs JAX
+  preallocates 75% of the memory; XLA_PYTHON_CLIENT_MEM_FRACTION=.95 lets the search use
+  more;
 * sample: seconds for `--sample_images` images x `--sample_steps` ancestral steps (the
   full 1000-step chain by default; a smaller count is a respaced chain, reported as such,
   never extrapolated);
 * bpd: images/s of the full-chain variational bound (`--bpd_timesteps` < T respaces it);
 * inception: images/s of the FID Inception feature extractor (zero weights: the speed does
-  not depend on the values).
+  not depend on the values);
+* forward (only with `--only forward`): one forward pass of the training batch.
 
 Each timing compiles first, warms up (`--warmup` calls), synchronises with
 `block_until_ready` before reading the clock and reports the median of `--repeats`. FLOPs
-come from XLA's cost analysis of the compiled program (per device); model FLOPs utilisation
+come from XLA's cost analysis of the compiled program, per device (sampling and bpd: the
+forward pass's FLOPs x images x steps, as the analysis counts a loop body once). XLA counts
+only the non-padding taps of a convolution, so its forward count of the CIFAR-10 model is
+0.964 x the 12.1 GFLOP of REFERENCE.md §3 (which counts every tap). Model FLOPs utilisation
 (MFU) divides the achieved FLOP/s by the device's dense bf16 peak from `PEAK_TFLOPS` (n/a
-where unknown, e.g. CPU). Results go to `--out` as JSON and are printed as a table;
-`launch/benchmark_peer.py` writes the same format for the PyTorch peer, and `--compare`
-prints two results side by side (`--peer` runs the peer right after us and compares).
+where unknown, e.g. CPU). Each train row also records how many state buffers the compiled
+step aliases to its outputs (donation) and the host time to dispatch a step. Results go to
+`--out` as JSON and are printed as a table; `launch/benchmark_peer.py` writes the same
+format for the PyTorch peer, `--compare` prints two results side by side and `--peer` runs
+the peer right after us and compares.
 
 TensorFlow is never imported (synthetic data on the device).
 """

@@ -283,7 +283,8 @@ def _alternate(steps: dict[str, Any], warmup: int, repeats: int) -> dict[str, li
     return times
 
 
-def _interleave_train(ours, peer: Peer, args, dtype: str) -> dict[str, list[float]]:
+def _interleave_train(ours, peer: Peer, args, dtype: str) -> tuple[dict[str, list[float]], Any]:
+    """Times of alternating train steps {'ours': [...], 'peer': [...]}, our compiled step."""
     import jax
 
     compiled, data, _ = ours.compile_train(dtype, args.batch)
@@ -300,7 +301,8 @@ def _interleave_train(ours, peer: Peer, args, dtype: str) -> dict[str, list[floa
         peer.train_step(x0, dtype)
         peer.sync()
 
-    return _alternate({"ours": ours_step, "peer": peer_step}, args.warmup, args.repeats)
+    times = _alternate({"ours": ours_step, "peer": peer_step}, args.warmup, args.repeats)
+    return times, compiled
 
 
 def interleaved(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -317,7 +319,8 @@ def interleaved(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     peer = Peer(args)
     peer_rows = []
     for dtype in args.dtypes.split(","):
-        times = _interleave_train(ours, peer, args, dtype)
+        times, compiled = _interleave_train(ours, peer, args, dtype)
+        flops = {"ours": bench.compiled_flops(compiled), "peer": None}
         for name, rows in (("ours", ours.results), ("peer", peer_rows)):
             t = times[name]
             rows.append(
@@ -328,6 +331,8 @@ def interleaved(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
                     seconds=statistics.median(t),
                     seconds_all=t,
                     images=args.batch,
+                    flops=flops[name],
+                    peak=ours.peak if name == "ours" else None,
                     note="interleaved step by step with the other implementation",
                     iters=1,
                     seconds_min=min(t),

@@ -30,6 +30,8 @@ def test_peak_table():
     assert bench.peak_tflops("TPU v5 lite") == 197.0
     assert bench.peak_tflops("TPU v3") * 8 == pytest.approx(420.0)
     assert bench.peak_tflops("cpu") is None
+    assert bench.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2.0GiB"))
+    assert not bench.is_oom(ValueError("incompatible shapes"))
 
 
 def test_harness_on_a_tiny_unet(tmp_path):
