@@ -251,8 +251,8 @@ def host_state(abstract: Any, seed: int = 0) -> Any:
     uniform with variance 1 / fan_avg (variance scaling, scale 1 for every layer), embeddings
     standard normal, norm scales 1, biases 0; the optimiser state and the other fields are
     0 (`nonfinite_step` -1). Timings do not depend on the values; `--init model` runs the
-    real initialiser instead, whose compilation takes ~20 s on a 2-core CPU (every distinct
-    parameter shape compiles its own threefry kernel).
+    real initialiser instead, whose compilation takes 12-20 s on a 2-core CPU (every
+    distinct parameter shape compiles its own threefry kernel).
     """
     import jax
 
@@ -282,7 +282,8 @@ def host_state(abstract: Any, seed: int = 0) -> Any:
             else:
                 value = np.zeros(shape)
             cache[ident] = value.astype(dtype)
-        return cache[ident]
+            return cache[ident]
+        return cache[ident].copy()  # separate buffers: the state is donated
 
     return jax.tree_util.tree_map_with_path(fill, abstract)
 

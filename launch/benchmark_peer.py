@@ -17,7 +17,7 @@ On a shared machine whose load changes, --interleave alternates our train step a
 peer's step by step in this one process (both see the same load) and writes both results
 (--ours_out, --out):
 
-    python launch/benchmark_peer.py --interleave --batch 16 --repeats 8 \
+    python launch/benchmark_peer.py --interleave --batch 16 --repeats 8 \\
         --ours_out ours.json --out peer.json
 
 --compile wraps the model in torch.compile (needs a working C++ toolchain on CPU);
