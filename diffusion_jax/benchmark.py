@@ -25,7 +25,15 @@ run (`train.compile_train_fn`, `generation.make_sampler`, `likelihood.calc_bpd_l
 * bpd: images/s of the full-chain variational bound (`--bpd_timesteps` < T respaces it);
 * inception: images/s of the FID Inception feature extractor (zero weights: the speed does
   not depend on the values);
-* forward (only with `--only forward`): one forward pass of the training batch.
+* forward (only with `--only forward`): one forward pass of the training batch;
+* input (only with `--only input`): images/s this host's training input pipeline
+  (`input_pipeline.create_train_iterator` for `config.data`, prefetch thread included)
+  delivers to the devices at `--batch`, as the training loop consumes it: next batch, then
+  `distributed.global_batch`. It needs the dataset (say what is missing otherwise) and
+  imports TensorFlow only for streamed datasets;
+* checkpoint (only with `--only checkpoint`): seconds the training loop is paused by an
+  asynchronous orbax save of the float32 train state (`checkpoint.save`), and seconds until
+  the save is on disk (`--checkpoint_dir`, default the system's temporary folder).
 
 Each timing compiles first, warms up (`--warmup` calls), synchronises with
 `block_until_ready` before reading the clock and reports the median of `--repeats`. FLOPs
@@ -35,12 +43,14 @@ only the non-padding taps of a convolution, so its forward count of the CIFAR-10
 0.964 x the 12.1 GFLOP of REFERENCE.md §3 (which counts every tap). Model FLOPs utilisation
 (MFU) divides the achieved FLOP/s by the device's dense bf16 peak from `PEAK_TFLOPS` (n/a
 where unknown, e.g. CPU). Each train row also records how many state buffers the compiled
-step aliases to its outputs (donation) and the host time to dispatch a step. Results go to
+step aliases to its outputs (donation) and the host time to dispatch a step; `--profile DIR`
+adds a `jax.profiler` trace of one train step per train row. Results go to
 `--out` as JSON and are printed as a table; `launch/benchmark_peer.py` writes the same
 format for the PyTorch peer, `--compare` prints two results side by side and `--peer` runs
 the peer right after us and compares.
 
-TensorFlow is never imported (synthetic data on the device).
+TensorFlow is never imported except by the input task on a streamed dataset (the others use
+synthetic data on the device).
 """
 
 from __future__ import annotations
@@ -65,7 +75,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "cifar10.py"
 TASKS = ("train", "sample", "bpd", "inception")
-EXTRA_TASKS = ("forward",)  # run only when asked for with --only
+EXTRA_TASKS = ("forward", "input", "checkpoint")  # run only when asked for with --only
 # REFERENCE.md §3: forward cost of the CIFAR-10 U-Net per 32x32 image (multiply-add = 2).
 REFERENCE_FORWARD_GFLOP = 12.1
 # Dense bf16 peak TFLOP/s per JAX device, matched in order against `device_kind`.
@@ -242,6 +252,8 @@ class Options:
     forward_flops: bool = True  # measure the forward GFLOP/image vs REFERENCE.md
     num_devices: int = 0  # use the first N devices (single process); 0: all
     init: str = "model"  # "model": the real initialiser; "host": same laws, drawn on the host
+    checkpoint_dir: str = ""  # where the checkpoint task writes (a temporary folder inside)
+    profile: str = ""  # if set, a jax.profiler trace of one train step per row goes here
 
 
 def host_state(abstract: Any, seed: int = 0) -> Any:
@@ -456,6 +468,11 @@ class Benchmark:
             dispatch.append(steps(iters))
             times.append((time.perf_counter() - start) / iters)
         seconds = statistics.median(times)
+        if self.opts.profile:
+            folder = Path(self.opts.profile) / f"{task}_{dtype}_batch{batch}"
+            with jax.profiler.trace(str(folder), create_perfetto_trace=True):
+                steps(1)
+            self.log(f"{task} {dtype}: profile of one step in {folder} (TensorBoard, Perfetto)")
         flops = compiled_flops(compiled)
         leaves = len(jax.tree.leaves(self._state))
         aliased = donated_aliases(compiled)
@@ -683,6 +700,103 @@ class Benchmark:
         self.log(format_row(result))
         self.results.append(result)
 
+    # -- input pipeline ---------------------------------------------------------------------
+
+    def input(self) -> None:
+        import jax
+
+        from diffusion_jax import distributed, input_pipeline
+
+        batch = self.opts.batch or int(self.config.training.batch_size)
+        self._check_batch(batch, "--batch")
+        cfg = self.config_for(str(self.config.model.dtype), batch)
+        data = None
+        try:
+            data = input_pipeline.create_train_iterator(
+                cfg, process_index=jax.process_index(), process_count=jax.process_count()
+            )
+
+            def batches(n: int) -> None:
+                for _ in range(n):
+                    local = jax.tree.map(lambda x: x[None], next(data))
+                    jax.block_until_ready(distributed.global_batch(local, self.mesh, 1))
+
+            start = time.perf_counter()
+            batches(1)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            batches(5)  # warm-up; sizes the repeats to about 1 s each
+            per = (time.perf_counter() - start) / 5
+            n = self.opts.iters or max(1, math.ceil(1.0 / max(per, 1e-6)))
+            seconds, times = median_time(
+                lambda: batches(n), warmup=max(self.opts.warmup - 1, 0), repeats=self.opts.repeats
+            )
+        except input_pipeline.DatasetUnavailableError as error:
+            self.log(f"input: skipped, dataset {cfg.data.name!r} unavailable:\n{error}")
+            self.checks["input_unavailable"] = str(error)
+            return
+        finally:
+            if data is not None and hasattr(data, "close"):
+                data.close()
+        result = row(
+            "input",
+            "float32",
+            batch,
+            seconds=seconds / n,
+            seconds_all=[t / n for t in times],
+            images=batch,
+            iters=n,
+            first_batch_s=round(first, 3),
+            note=(
+                f"{cfg.data.name} {cfg.data.image_size}px, prefetch {cfg.data.get('prefetch', 2)}, "
+                f"this host's pipeline -> devices"
+            ),
+        )
+        self.log(format_row(result))
+        self.results.append(result)
+
+    # -- checkpoint -------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        import tempfile
+
+        import jax
+
+        from diffusion_jax import checkpoint
+
+        state = self.state()
+        size = sum(x.nbytes for x in jax.tree.leaves(state))
+        blocked, total = [], []
+        with tempfile.TemporaryDirectory(dir=self.opts.checkpoint_dir or None) as folder:
+            mngr = checkpoint.manager(Path(folder) / "checkpoints", keep=1)
+            for i in range(max(self.opts.warmup, 0) + max(self.opts.repeats, 1)):
+                start = time.perf_counter()
+                checkpoint.save(mngr, i, state)
+                returned = time.perf_counter() - start
+                mngr.wait_until_finished()
+                if i >= self.opts.warmup:
+                    blocked.append(returned)
+                    total.append(time.perf_counter() - start)
+            mngr.close()
+        result = row(
+            "checkpoint",
+            "float32",
+            0,
+            seconds=statistics.median(blocked),
+            seconds_all=blocked,
+            images=0,
+            written_s=statistics.median(total),
+            written_s_all=[round(t, 6) for t in total],
+            megabytes=round(size / 2**20, 1),
+            note=(
+                f"async orbax save of the train state ({size / 2**20:.0f} MB): time = loop pause; "
+                f"on disk after {statistics.median(total):.2f} s"
+            ),
+        )
+        result["images_per_s"] = None
+        self.log(format_row(result))
+        self.results.append(result)
+
     # -- all --------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -715,6 +829,10 @@ class Benchmark:
                 self.bpd(dtype, fwd.get(dtype))
         if "inception" in self.opts.only:
             self.inception()
+        if "input" in self.opts.only:
+            self.input()
+        if "checkpoint" in self.opts.only:
+            self.checkpoint()
         return self.envelope(load_before)
 
     def envelope(self, load_before: Sequence[float] | None = None) -> dict[str, Any]:
@@ -880,6 +998,8 @@ def _define_flags():
     flags.DEFINE_integer("inception_size", d.inception_size, "Inception input side.")
     flags.DEFINE_integer("num_devices", d.num_devices, "Use the first N devices; 0 = all.")
     flags.DEFINE_enum("init", d.init, ["model", "host"], "Parameter init (see host_state).")
+    flags.DEFINE_string("checkpoint_dir", d.checkpoint_dir, "Checkpoint task folder (local).")
+    flags.DEFINE_string("profile", d.profile, "Trace one train step per train row into this dir.")
     flags.DEFINE_string("out", "", "Write the JSON result here.")
     flags.DEFINE_list("compare", [], "Print result files side by side (ours first) and exit.")
     flags.DEFINE_bool("peer", False, "Also run launch/benchmark_peer.py and compare.")
@@ -951,6 +1071,8 @@ def main(argv: Sequence[str]) -> None:
         inception_size=FLAGS.inception_size,
         num_devices=FLAGS.num_devices,
         init=FLAGS.init,
+        checkpoint_dir=FLAGS.checkpoint_dir,
+        profile=FLAGS.profile,
     )
     log = lambda s: print(s, flush=True)
     result = run_benchmark(FLAGS.config, opts, log)

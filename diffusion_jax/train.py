@@ -364,10 +364,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # steps are queued at once, so there a step is finished before the next is dispatched.
     throttle = jax.default_backend() == "cpu" and mesh.size > 1
     step, tick, tick_step = start_step, time.perf_counter(), start_step
+    input_s = 0.0  # host time spent waiting for batches since the last log line
     with _Preemption() as preemption:
         while step < total:
             k = min(per_call, total - step)
+            wait = time.perf_counter()
             local = [next(data) for _ in range(k)]
+            input_s += time.perf_counter() - wait
             stacked = jax.tree.map(lambda *xs: np.stack(xs), *local)
             state, metrics = train_fn(state, distributed.global_batch(stacked, mesh, 1))
             if throttle:
@@ -376,15 +379,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             stop = preemption.requested or mngr.reached_preemption(step)
             if crossed(before, step, config.training.log_every) or step == total or stop:
                 _check_finite(state, workdir, last_good)
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 rate = (step - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, step
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 scalars["steps_per_sec"] = rate
+                scalars["input_wait_frac"] = min(input_s / max(now - tick, 1e-9), 1.0)
+                tick, tick_step, input_s = now, step, 0.0
                 writer.write_scalars(step, scalars)
                 print(
                     f"step {step}/{total} | loss {scalars['loss']:.4f} | "
                     f"{rate:.2f} steps/s | {rate * config.training.batch_size:.0f} img/s | "
+                    f"input wait {scalars['input_wait_frac']:.1%} | "
                     f"ETA {_format_eta((total - step) / rate if rate > 0 else math.inf)}",
                     flush=True,
                 )
@@ -394,7 +399,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 _write_preview(config, preview, state, step, workdir, writer, is_chief)
             if crossed(before, step, config.training.checkpoint_every) or step == total or stop:
                 _check_finite(state, workdir, last_good)
+                start = time.perf_counter()
                 checkpoint.save(mngr, step, state)
+                blocked = time.perf_counter() - start
+                writer.write_scalars(step, {"checkpoint_blocking_s": blocked})
+                print(
+                    f"checkpoint {step}: the loop paused {blocked:.2f} s "
+                    f"({'written in the background' if mngr.is_saving_in_progress() else 'done'})",
+                    flush=True,
+                )
                 last_good = step
             if stop:
                 print(f"Stopped at step {step} on request; checkpoint saved.", flush=True)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import time
 
 import pytest
 
@@ -49,6 +50,7 @@ def test_harness_on_a_tiny_unet(tmp_path):
         bpd_timesteps=2,
         init="host",
         num_devices=1,  # the 8-device SPMD compile is 2x slower; same code path otherwise
+        profile=str(tmp_path / "trace"),
     )
     lines = []
     result = bench.run_benchmark(_tiny_config(), opts, log=lines.append)
@@ -77,6 +79,7 @@ def test_harness_on_a_tiny_unet(tmp_path):
     leaves = int(train["donated"].split("/")[1])
     assert train["donated"] == f"{leaves}/{leaves}"  # every state buffer aliased
     assert train["dispatch_s_per_step"] < train["seconds"] * 5
+    assert list((tmp_path / "trace" / "train_float32_batch8").rglob("*.trace.json.gz"))
     assert rows["sample"]["steps"] == 2 and "reduced" in rows["sample"]["note"]
     assert rows["bpd"]["steps"] == 2
     table = bench.format_table(result)
@@ -114,3 +117,55 @@ def test_comparison_of_two_result_files(tmp_path):
     assert any(line.startswith("train") and line.endswith("1.50x") for line in lines)
     assert any(line.startswith("sample") and line.endswith("1.00x") for line in lines)
     assert "peak n/a" in text
+
+
+def test_input_task_measures_the_pipeline(tmp_path, monkeypatch):
+    """A pipeline slowed to `delay` s per batch is measured at just under batch / delay
+    images/s; a dataset that is not prepared is reported, not raised."""
+    from configs.digits import get_config as digits_config
+    from diffusion_jax import input_pipeline
+
+    delay = 0.02
+    make_iterator = input_pipeline.create_train_iterator
+
+    def slow_iterator(*args, **kwargs):
+        for batch in make_iterator(*args, **kwargs):
+            time.sleep(delay)
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, "create_train_iterator", slow_iterator)
+    opts = bench.Options(only=("input",), batch=16, repeats=3, iters=5, num_devices=1)
+    result = bench.run_benchmark(digits_config(), opts, log=lambda s: None)
+    (row,) = result["results"]
+    assert row["task"] == "input" and row["batch"] == 16 and row["iters"] == 5
+    assert 0.5 * 16 / delay < row["images_per_s"] <= 16 / delay
+    assert row["note"].startswith("digits 8px")
+
+    config = get_config()
+    config.data.data_dir = str(tmp_path)
+    lines = []
+    result = bench.run_benchmark(config, opts, log=lines.append)
+    assert result["results"] == []
+    assert "--prepare cifar10" in result["checks"]["input_unavailable"]
+    assert any(line.startswith("input: skipped") for line in lines)
+
+
+def test_checkpoint_task_saves_the_whole_train_state(tmp_path):
+    import jax
+
+    from diffusion_jax import train
+
+    config = _tiny_config()
+    opts = bench.Options(
+        only=("checkpoint",), warmup=0, repeats=2, init="host", checkpoint_dir=str(tmp_path)
+    )
+    result = bench.run_benchmark(config, opts, log=lambda s: None)
+    (row,) = result["results"]
+    _, _, state, _ = train.init_train_state(config)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    # params, EMA and Adam's two moments in float32, plus a few scalars
+    assert row["megabytes"] == pytest.approx(4 * 4 * num_params / 2**20, rel=0.02, abs=0.05)
+    assert 0 < row["seconds"] <= row["written_s"]
+    assert len(row["seconds_all"]) == len(row["written_s_all"]) == 2
+    assert row["images_per_s"] is None
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone

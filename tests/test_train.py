@@ -214,6 +214,70 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
 
 
+class RecordingWriter:
+    """Stands in for the TensorBoard writer; keeps every scalar by step."""
+
+    def __init__(self):
+        self.scalars = {}
+
+    def write_scalars(self, step, scalars):
+        self.scalars.setdefault(step, {}).update(scalars)
+
+    def write_images(self, step, images):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("slow", ["input", "step"])
+def test_loop_reports_input_wait_and_checkpoint_pause(slow, tmp_path, monkeypatch, capsys):
+    """input_wait_frac is the share of wall time spent in next(data): about 1 when batches
+    arrive slowly, about 0 when the step is what takes the time."""
+    delay = 0.25
+    writer = RecordingWriter()
+    monkeypatch.setattr(train, "make_writer", lambda workdir, is_chief: writer)
+    if slow == "input":
+        make_iterator = input_pipeline.create_train_iterator
+
+        def slow_iterator(*args, **kwargs):
+            for batch in make_iterator(*args, **kwargs):
+                time.sleep(delay)
+                yield batch
+
+        monkeypatch.setattr(input_pipeline, "create_train_iterator", slow_iterator)
+    else:
+        compile_fn = train.compile_train_fn
+
+        def slow_compile(*args, **kwargs):
+            fn = compile_fn(*args, **kwargs)
+
+            def step(state, batch):
+                time.sleep(delay)
+                return fn(state, batch)
+
+            return step
+
+        monkeypatch.setattr(train, "compile_train_fn", slow_compile)
+    config = tiny_mlp_config(
+        training__num_train_steps=8, training__log_every=4, training__checkpoint_every=8
+    )
+    train.train_and_evaluate(config, str(tmp_path))
+    wait = writer.scalars[8]["input_wait_frac"]  # steps 5-8: compilation is behind us
+    # 4 x 0.25 s of sleep against a few ms (tens under load) of real work per step
+    if slow == "input":
+        assert wait > 0.7
+    else:
+        assert wait < 0.1
+    out = capsys.readouterr().out
+    assert f"input wait {wait:.1%}" in out
+    assert "checkpoint 8: the loop paused" in out
+    assert 0 <= writer.scalars[8]["checkpoint_blocking_s"] < 60
+
+
 def cli(workdir, *overrides, env=None, devices=1, config="digits"):
     env = dict(os.environ, **(env or {}))
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
