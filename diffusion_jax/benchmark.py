@@ -405,6 +405,21 @@ class Benchmark:
         if batch <= 0 or batch % self.n_dev:
             raise ValueError(f"{what}={batch} must be a positive multiple of {self.n_dev} devices")
 
+    def _compile_and_time(self, fn, args: tuple, repeats: int):
+        """(compiled fn, compile seconds, median seconds, all seconds) of `fn(*args)`."""
+        import jax
+
+        start = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        compile_s = time.perf_counter() - start
+        run = lambda: jax.block_until_ready(compiled(*args))
+        seconds, times = median_time(run, warmup=self.opts.warmup, repeats=repeats)
+        return compiled, compile_s, seconds, times
+
+    def _add(self, result: dict[str, Any]) -> None:
+        self.log(format_row(result))
+        self.results.append(result)
+
     # -- forward FLOPs ----------------------------------------------------------------------
 
     def forward_flops(self, dtype: str = "float32", batch: int = 8) -> float | None:
@@ -491,7 +506,6 @@ class Benchmark:
             donated=f"{aliased}/{leaves}",
             flops_per_image=flops * self.n_dev / batch if flops else None,
         )
-        self.log(format_row(result))
         return result
 
     def train(self, dtype: str) -> None:
@@ -500,7 +514,7 @@ class Benchmark:
         batch = self.opts.batch or int(self.config.training.batch_size)
         self._check_batch(batch, "--batch")
         compiled, data, compile_s = self.compile_train(dtype, batch)
-        self.results.append(self._time_train(compiled, data, batch, dtype, "train", compile_s))
+        self._add(self._time_train(compiled, data, batch, dtype, "train", compile_s))
         cap = self.opts.max_batch or (0 if self.on_cpu else 65536)
         if cap <= batch:
             return
@@ -527,7 +541,7 @@ class Benchmark:
         result["note"] = f"largest batch {batch} x 2^k that fit" + (
             f" (search capped at {cap})" if trial * 2 > cap else ""
         )
-        self.results.append(result)
+        self._add(result)
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -551,11 +565,9 @@ class Benchmark:
         params = self.state().params
         x = self._sharded_images(batch)["image"]
         t = jax.device_put(jnp.arange(batch, dtype=jnp.int32), sharded)
-        start = time.perf_counter()
-        compiled = fn.lower(params, x, t).compile()
-        compile_s = time.perf_counter() - start
-        run = lambda: jax.block_until_ready(compiled(params, x, t))
-        seconds, times = median_time(run, warmup=self.opts.warmup, repeats=self.opts.repeats)
+        compiled, compile_s, seconds, times = self._compile_and_time(
+            fn, (params, x, t), self.opts.repeats
+        )
         result = row(
             "forward",
             dtype,
@@ -567,8 +579,7 @@ class Benchmark:
             peak=self.peak,
             compile_s=round(compile_s, 2),
         )
-        self.log(format_row(result))
-        self.results.append(result)
+        self._add(result)
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -589,11 +600,9 @@ class Benchmark:
         params = self.state().params
         key = jax.random.PRNGKey(0)
         labels = self._sharded_images(images)["label"]
-        start = time.perf_counter()
-        compiled = sampler.lower(params, key, labels).compile()
-        compile_s = time.perf_counter() - start
-        run = lambda: jax.block_until_ready(compiled(params, key, labels))
-        seconds, times = median_time(run, warmup=self.opts.warmup, repeats=self.opts.sample_repeats)
+        _, compile_s, seconds, times = self._compile_and_time(
+            sampler, (params, key, labels), self.opts.sample_repeats
+        )
         full = steps == total and images >= 256
         note = "full chain" if steps == total else f"respaced chain of {steps} of {total} steps"
         if images < 256:
@@ -613,8 +622,7 @@ class Benchmark:
             note=note + ("" if full else " (reduced; not extrapolated)"),
             flops_source="forward cost analysis x images x steps",
         )
-        self.log(format_row(result))
-        self.results.append(result)
+        self._add(result)
 
     # -- bits/dim ---------------------------------------------------------------------------
 
@@ -643,11 +651,9 @@ class Benchmark:
         params = self.state().params
         x = self._sharded_images(batch)["image"]
         key = jax.random.PRNGKey(0)
-        start = time.perf_counter()
-        compiled = fn.lower(params, x, key).compile()
-        compile_s = time.perf_counter() - start
-        run = lambda: jax.block_until_ready(compiled(params, x, key))
-        seconds, times = median_time(run, warmup=self.opts.warmup, repeats=self.opts.sample_repeats)
+        _, compile_s, seconds, times = self._compile_and_time(
+            fn, (params, x, key), self.opts.sample_repeats
+        )
         note = "full chain" if steps == total else f"respaced bound over {steps} of {total} steps"
         result = row(
             "bpd",
@@ -662,13 +668,11 @@ class Benchmark:
             compile_s=round(compile_s, 2),
             note=note + ("" if steps == total else " (reduced; not extrapolated)"),
         )
-        self.log(format_row(result))
-        self.results.append(result)
+        self._add(result)
 
     # -- inception --------------------------------------------------------------------------
 
     def inception(self) -> None:
-        import jax
         from flax import nnx
 
         from diffusion_jax.metrics import inception
@@ -680,11 +684,9 @@ class Benchmark:
         size = self.opts.inception_size
         feature_fn = inception.make_feature_fn(params, self.mesh, size=size)
         images = self._sharded_images(batch, uint8=True)["image"]
-        start = time.perf_counter()
-        compiled = feature_fn.forward.lower(feature_fn.params, images).compile()
-        compile_s = time.perf_counter() - start
-        run = lambda: jax.block_until_ready(compiled(feature_fn.params, images))
-        seconds, times = median_time(run, warmup=self.opts.warmup, repeats=self.opts.repeats)
+        compiled, compile_s, seconds, times = self._compile_and_time(
+            feature_fn.forward, (feature_fn.params, images), self.opts.repeats
+        )
         result = row(
             "inception",
             "float32",
@@ -697,8 +699,7 @@ class Benchmark:
             compile_s=round(compile_s, 2),
             note=f"{self.config.data.image_size}px uint8 -> {size}px, pool3 + logits",
         )
-        self.log(format_row(result))
-        self.results.append(result)
+        self._add(result)
 
     # -- input pipeline ---------------------------------------------------------------------
 
@@ -752,8 +753,7 @@ class Benchmark:
                 f"this host's pipeline -> devices"
             ),
         )
-        self.log(format_row(result))
-        self.results.append(result)
+        self._add(result)
 
     # -- checkpoint -------------------------------------------------------------------------
 
@@ -794,8 +794,7 @@ class Benchmark:
             ),
         )
         result["images_per_s"] = None
-        self.log(format_row(result))
-        self.results.append(result)
+        self._add(result)
 
     # -- all --------------------------------------------------------------------------------
 
