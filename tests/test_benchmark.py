@@ -150,11 +150,19 @@ def test_input_task_measures_the_pipeline(tmp_path, monkeypatch):
     assert any(line.startswith("input: skipped") for line in lines)
 
 
-def test_checkpoint_task_saves_the_whole_train_state(tmp_path):
+def test_checkpoint_task_saves_the_whole_train_state(tmp_path, monkeypatch):
     import jax
 
-    from diffusion_jax import train
+    from diffusion_jax import checkpoint, train
 
+    saved = []
+    save = checkpoint.save
+
+    def recording_save(mngr, step, state, **kwargs):
+        saved.append(state)
+        return save(mngr, step, state, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", recording_save)
     config = _tiny_config()
     opts = bench.Options(
         only=("checkpoint",), warmup=0, repeats=2, init="host", checkpoint_dir=str(tmp_path)
@@ -162,6 +170,8 @@ def test_checkpoint_task_saves_the_whole_train_state(tmp_path):
     result = bench.run_benchmark(config, opts, log=lambda s: None)
     (row,) = result["results"]
     _, _, state, _ = train.init_train_state(config)
+    assert len(saved) == 2
+    assert jax.tree.structure(saved[0]) == jax.tree.structure(state)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     # params, EMA and Adam's two moments in float32, plus a few scalars
     assert row["megabytes"] == pytest.approx(4 * 4 * num_params / 2**20, rel=0.02, abs=0.05)
