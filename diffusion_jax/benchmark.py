@@ -11,7 +11,8 @@
 
 Measures on whatever devices JAX sees, through the code the training and evaluation jobs
 run (`train.compile_train_fn`, `generation.make_sampler`, `likelihood.calc_bpd_loop`,
-`metrics.inception.make_feature_fn`):
+`metrics.inception.make_feature_fn`), compiled with the same XLA options
+(`distributed.compiler_options`, recorded in the result):
 
 * train: images/s of the jitted, donated train step at `--batch` and, on accelerators, at
   the largest batch that fits (doubling until the device runs out of memory; `--max_batch`
@@ -43,7 +44,9 @@ only the non-padding taps of a convolution, so its forward count of the CIFAR-10
 0.964 x the 12.1 GFLOP of REFERENCE.md §3 (which counts every tap). Model FLOPs utilisation
 (MFU) divides the achieved FLOP/s by the device's dense bf16 peak from `PEAK_TFLOPS` (n/a
 where unknown, e.g. CPU). Each train row also records how many state buffers the compiled
-step aliases to its outputs (donation) and the host time to dispatch a step; `--profile DIR`
+step aliases to its outputs (donation) and the host time to dispatch a step. Each row of a
+compiled program records XLA's memory analysis of it per device (`memory`: arguments,
+outputs, donated aliases, temporaries; `peak GB` in the table); `--profile DIR`
 adds a `jax.profiler` trace of one train step per train row. Results go to
 `--out` as JSON and are printed as a table; `launch/benchmark_peer.py` writes the same
 format for the PyTorch peer, `--compare` prints two results side by side and `--peer` runs
@@ -183,6 +186,26 @@ def donated_aliases(compiled: Any) -> int:
     if not match:
         return 0
     return len(re.findall(r"alias\)", match.group(1)))
+
+
+def compiled_memory(compiled: Any) -> dict[str, int] | None:
+    """Device bytes XLA's buffer assignment gives one call of a compiled program, per device:
+    arguments, outputs, the part of the outputs aliased to donated arguments, temporaries
+    (activations, workspace) and `peak_bytes` = arguments + outputs - aliased + temporaries,
+    an upper bound on what the call holds at once. None where the backend does not report it.
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if stats is None:
+        return None
+    memory = {
+        name: int(getattr(stats, f"{name}_size_in_bytes"))
+        for name in ("argument", "output", "alias", "temp")
+    }
+    memory["peak"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+    return {f"{name}_bytes": value for name, value in memory.items()}
 
 
 def is_oom(error: BaseException) -> bool:
@@ -504,6 +527,7 @@ class Benchmark:
             iters=iters,
             dispatch_s_per_step=statistics.median(dispatch) / iters,
             donated=f"{aliased}/{leaves}",
+            memory=compiled_memory(compiled),
             flops_per_image=flops * self.n_dev / batch if flops else None,
         )
         return result
@@ -561,6 +585,7 @@ class Benchmark:
             lambda p, x, t: apply(p, x, t),
             in_shardings=(repl, sharded, sharded),
             out_shardings=sharded,
+            compiler_options=distributed.compiler_options(self.mesh),
         )
         params = self.state().params
         x = self._sharded_images(batch)["image"]
@@ -578,6 +603,7 @@ class Benchmark:
             flops=compiled_flops(compiled),
             peak=self.peak,
             compile_s=round(compile_s, 2),
+            memory=compiled_memory(compiled),
         )
         self._add(result)
 
@@ -600,7 +626,7 @@ class Benchmark:
         params = self.state().params
         key = jax.random.PRNGKey(0)
         labels = self._sharded_images(images)["label"]
-        _, compile_s, seconds, times = self._compile_and_time(
+        compiled, compile_s, seconds, times = self._compile_and_time(
             sampler, (params, key, labels), self.opts.sample_repeats
         )
         full = steps == total and images >= 256
@@ -621,6 +647,7 @@ class Benchmark:
             compile_s=round(compile_s, 2),
             note=note + ("" if full else " (reduced; not extrapolated)"),
             flops_source="forward cost analysis x images x steps",
+            memory=compiled_memory(compiled),
         )
         self._add(result)
 
@@ -647,11 +674,16 @@ class Benchmark:
 
         repl = distributed.replicated(self.mesh)
         sharded = distributed.batch_sharded(self.mesh)
-        fn = jax.jit(bpd, in_shardings=(repl, sharded, repl), out_shardings=sharded)
+        fn = jax.jit(
+            bpd,
+            in_shardings=(repl, sharded, repl),
+            out_shardings=sharded,
+            compiler_options=distributed.compiler_options(self.mesh),
+        )
         params = self.state().params
         x = self._sharded_images(batch)["image"]
         key = jax.random.PRNGKey(0)
-        _, compile_s, seconds, times = self._compile_and_time(
+        compiled, compile_s, seconds, times = self._compile_and_time(
             fn, (params, x, key), self.opts.sample_repeats
         )
         note = "full chain" if steps == total else f"respaced bound over {steps} of {total} steps"
@@ -667,6 +699,7 @@ class Benchmark:
             peak=self.peak,
             compile_s=round(compile_s, 2),
             note=note + ("" if steps == total else " (reduced; not extrapolated)"),
+            memory=compiled_memory(compiled),
         )
         self._add(result)
 
@@ -698,6 +731,7 @@ class Benchmark:
             peak=self.peak,
             compile_s=round(compile_s, 2),
             note=f"{self.config.data.image_size}px uint8 -> {size}px, pool3 + logits",
+            memory=compiled_memory(compiled),
         )
         self._add(result)
 
@@ -838,6 +872,8 @@ class Benchmark:
         """The JSON result: device, host, versions, model, options, checks and rows."""
         import jax
 
+        from diffusion_jax import distributed
+
         host = host_info()
         if load_before is not None:
             host["load_avg_before"] = list(load_before)
@@ -858,6 +894,7 @@ class Benchmark:
                 "dropout": model.dropout,
             },
             "options": dataclasses.asdict(self.opts),
+            "compiler_options": distributed.compiler_options(self.mesh),
             "checks": self.checks,
             "results": self.results,
         }
@@ -880,13 +917,18 @@ def _steps(r: dict[str, Any]) -> str:
     return "-" if r.get("steps") is None else str(r["steps"])
 
 
+def _peak_gb(r: dict[str, Any]) -> float | None:
+    memory = r.get("memory") or {}
+    return memory["peak_bytes"] / 1e9 if "peak_bytes" in memory else None
+
+
 def format_row(r: dict[str, Any]) -> str:
-    """One line: task, dtype, batch, steps, time, images/s, TFLOP/s, MFU, note."""
+    """One line: task, dtype, batch, steps, time, images/s, TFLOP/s, MFU, peak GB, note."""
     return (
         f"{r['task']:<10} {r['dtype']:<9} {r['batch']:>6} {_steps(r):>6} "
         f"{_fmt(r['seconds'], '.4g', ' s'):>11} {_fmt(r['images_per_s'], '.4g'):>9} "
-        f"{_fmt(r.get('tflops_per_s'), '.3g'):>8} {_fmt(r.get('mfu'), '.1%'):>6}  "
-        f"{r.get('note', '')}"
+        f"{_fmt(r.get('tflops_per_s'), '.3g'):>8} {_fmt(r.get('mfu'), '.1%'):>6} "
+        f"{_fmt(_peak_gb(r), '.3g'):>7}  {r.get('note', '')}"
     ).rstrip()
 
 
@@ -905,7 +947,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The result as a text table (time = median per step for train, per call otherwise)."""
     header = (
         f"{'task':<10} {'dtype':<9} {'batch':>6} {'steps':>6} {'time':>11} {'img/s':>9} "
-        f"{'TFLOP/s':>8} {'MFU':>6}  note"
+        f"{'TFLOP/s':>8} {'MFU':>6} {'peak GB':>7}  note"
     )
     lines = [_describe(result)]
     checks = result.get("checks", {})

@@ -242,7 +242,12 @@ def make_bpd_fn(
         return {"count": jnp.sum(mask), **sums}
 
     sharded, repl = distributed.batch_sharded(mesh), distributed.replicated(mesh)
-    return jax.jit(run, in_shardings=(repl, sharded, sharded, sharded, repl), out_shardings=repl)
+    return jax.jit(
+        run,
+        in_shardings=(repl, sharded, sharded, sharded, repl),
+        out_shardings=repl,
+        compiler_options=distributed.compiler_options(mesh),
+    )
 
 
 def summarize_bpd(sums: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -585,7 +590,7 @@ def make_interpolation_fn(
             diffusion, fn, x_a, x_b, lambdas, t_index, key, config.sampling.clip_denoised
         )
 
-    return jax.jit(run)
+    return jax.jit(run, compiler_options=distributed.compiler_options())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,7 +88,12 @@ def make_sampler(
     if snapshot_every:
         out_shardings["snapshots"] = distributed.batch_sharded(mesh, 1)
         out_shardings["snapshot_timesteps"] = repl
-    return jax.jit(run, in_shardings=(repl, repl, sharded), out_shardings=out_shardings)
+    return jax.jit(
+        run,
+        in_shardings=(repl, repl, sharded),
+        out_shardings=out_shardings,
+        compiler_options=distributed.compiler_options(mesh),
+    )
 
 
 def default_labels(config: ml_collections.ConfigDict, batch: int, offset: int = 0) -> jax.Array:

@@ -261,6 +261,7 @@ def compile_train_fn(config, apply, diffusion, tx, mesh):
         in_shardings=(repl, distributed.batch_sharded(mesh, 1)),
         out_shardings=(repl, repl),
         donate_argnums=(0,),
+        compiler_options=distributed.compiler_options(mesh),
     )
 
 

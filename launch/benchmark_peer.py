@@ -21,7 +21,8 @@ peer's step by step in this one process (both see the same load) and writes both
         --ours_out ours.json --out peer.json
 
 --compile wraps the model in torch.compile (needs a working C++ toolchain on CPU);
-bfloat16 runs under torch.autocast (parameters and optimiser stay float32).
+bfloat16 runs under torch.autocast (parameters and optimiser stay float32). On CUDA, train
+and sample rows record the most memory torch allocated during them (`memory.peak_bytes`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ class Peer:
     def sync(self) -> None:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
+
+    def peak_memory(self) -> dict[str, int] | None:
+        """{'peak_bytes': most CUDA memory allocated since the last call} (None on CPU)."""
+        if self.device.type != "cuda":
+            return None
+        peak = self.torch.cuda.max_memory_allocated(self.device)
+        self.torch.cuda.reset_peak_memory_stats(self.device)
+        return {"peak_bytes": int(peak)}
 
     def autocast(self, dtype: str):
         import contextlib
@@ -158,6 +167,7 @@ def bench_train(peer: Peer, args, dtype: str, batch: int, task: str) -> dict[str
     torch = peer.torch
     x0 = torch.rand(batch, 3, 32, 32, device=peer.device) * 2 - 1
     step = lambda: peer.train_step(x0, dtype)
+    peer.peak_memory()
     start = time.perf_counter()
     step()  # first call (torch.compile compiles here)
     peer.sync()
@@ -173,6 +183,7 @@ def bench_train(peer: Peer, args, dtype: str, batch: int, task: str) -> dict[str
         images=batch,
         compile_s=round(first, 2) if args.compile else None,
         iters=iters,
+        memory=peer.peak_memory(),
     )
 
 
@@ -196,6 +207,7 @@ def bench_sample(peer: Peer, args, dtype: str) -> dict[str, Any]:
     steps = args.sample_steps or T
     n = args.sample_images
     run = lambda: peer.sample(n, steps, dtype)
+    peer.peak_memory()
     seconds, times = timed(peer, run, args.warmup, args.sample_repeats)
     note = "full chain" if steps == T else f"respaced chain of {steps} of {T} steps"
     if n < 256:
@@ -203,7 +215,15 @@ def bench_sample(peer: Peer, args, dtype: str) -> dict[str, Any]:
     if steps < T or n < 256:
         note += " (reduced; not extrapolated)"
     return bench.row(
-        "sample", dtype, n, steps=steps, seconds=seconds, seconds_all=times, images=n, note=note
+        "sample",
+        dtype,
+        n,
+        steps=steps,
+        seconds=seconds,
+        seconds_all=times,
+        images=n,
+        note=note,
+        memory=peer.peak_memory(),
     )
 
 
@@ -321,6 +341,7 @@ def interleaved(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     for dtype in args.dtypes.split(","):
         times, compiled = _interleave_train(ours, peer, args, dtype)
         flops = {"ours": bench.compiled_flops(compiled), "peer": None}
+        memory = {"ours": bench.compiled_memory(compiled), "peer": peer.peak_memory()}
         for name, rows in (("ours", ours.results), ("peer", peer_rows)):
             t = times[name]
             rows.append(
@@ -336,6 +357,7 @@ def interleaved(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
                     note="interleaved step by step with the other implementation",
                     iters=1,
                     seconds_min=min(t),
+                    memory=memory[name],
                 )
             )
             print(f"{name}: {bench.format_row(rows[-1])}", flush=True)

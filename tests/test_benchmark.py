@@ -4,10 +4,13 @@ import copy
 import json
 import time
 
+import jax
 import pytest
 
 from configs.cifar10 import get_config
 from diffusion_jax import benchmark as bench
+from diffusion_jax import distributed
+from diffusion_jax.train import init_train_state
 
 
 def _tiny_config():
@@ -66,6 +69,7 @@ def test_harness_on_a_tiny_unet(tmp_path):
     assert len(result["host"]["load_avg"]) == 3
     assert result["checks"]["forward_gflop_per_image"]["float32"] > 0
     assert "forward_vs_reference" not in result["checks"]  # not the CIFAR-10 model
+    assert result["compiler_options"] == distributed.CPU_COMPILER_OPTIONS
 
     rows = {r["task"]: r for r in result["results"]}
     assert set(rows) == {"train", "sample", "bpd"}
@@ -80,6 +84,23 @@ def test_harness_on_a_tiny_unet(tmp_path):
     assert train["donated"] == f"{leaves}/{leaves}"  # every state buffer aliased
     assert train["dispatch_s_per_step"] < train["seconds"] * 5
     assert list((tmp_path / "trace" / "train_float32_batch8").rglob("*.trace.json.gz"))
+
+    # XLA's memory analysis against the byte count of what the step takes and gives back:
+    # the whole train state plus the batch in, the state (donated: aliased) plus metrics out.
+    state = jax.eval_shape(lambda: init_train_state(_tiny_config())[2])
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    batch_bytes = 8 * 8 * 8 * 3 * 4  # float32 images [1, 8, 8, 8, 3]; jit drops the unused labels
+    memory = train["memory"]
+    assert memory["argument_bytes"] == state_bytes + batch_bytes
+    assert memory["alias_bytes"] == state_bytes
+    outputs = len(jax.tree.leaves(state)) + 5  # the state and 5 float32 scalar metrics
+    # XLA:CPU's result is a tuple buffer holding an 8-byte pointer per output
+    assert memory["output_bytes"] == state_bytes + 5 * 4 + 8 * outputs
+    assert memory["temp_bytes"] > 0
+    assert memory["peak_bytes"] == (
+        memory["argument_bytes"] + memory["output_bytes"] - state_bytes + memory["temp_bytes"]
+    )
+    assert rows["sample"]["memory"]["temp_bytes"] > 0 and rows["bpd"]["memory"]["peak_bytes"] > 0
     assert rows["sample"]["steps"] == 2 and "reduced" in rows["sample"]["note"]
     assert rows["bpd"]["steps"] == 2
     table = bench.format_table(result)

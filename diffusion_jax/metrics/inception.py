@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from diffusion_jax import distributed
 from diffusion_jax.torch_pickle import load_torch_state_dict
 
 __all__ = [
@@ -652,6 +653,7 @@ def make_feature_fn(
         forward,
         in_shardings=(replicated, batch_sharded),
         out_shardings=(batch_sharded, batch_sharded),
+        compiler_options=distributed.compiler_options(mesh),
     )
 
     def feature_fn(images: jax.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
