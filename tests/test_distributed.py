@@ -1,13 +1,17 @@
-"""diffusion_jax.distributed: the XLA compiler options every jitted program gets."""
+"""diffusion_jax.distributed: the XLA compiler options every jitted model program gets."""
 
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from flax import nnx
 from jax import lax
 
-from diffusion_jax import distributed
+from configs.cifar10 import get_config
+from diffusion_jax import distributed, evaluate, generation, schedules, train
+from diffusion_jax.metrics import inception
 
 
 def _tap(a: np.ndarray, i: int, j: int) -> np.ndarray:
@@ -56,3 +60,67 @@ def test_options_this_jax_rejects_are_left_out(monkeypatch):
 def test_accelerators_get_no_cpu_options():
     gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
     assert distributed.compiler_options(gpu_mesh) == {}
+
+
+def _tiny_unet_config():
+    config = get_config()
+    config.data.image_size = 8
+    config.model.update(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4)
+    return config
+
+
+def _compile_train(mesh):
+    config = _tiny_unet_config()
+    graphdef, _, rest = nnx.split(train.abstract_model(config), nnx.Param, ...)
+    state = jax.eval_shape(lambda: train.init_train_state(config)[2])
+    fn = train.compile_train_fn(
+        config,
+        generation.model_apply(graphdef, rest),
+        schedules.diffusion_from_config(config.diffusion),
+        train.make_optimizer(config.training),
+        mesh,
+    )
+    batch = {
+        "image": jax.ShapeDtypeStruct((1, 8, 8, 8, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((1, 8), jnp.int32),
+    }
+    fn.lower(state, batch).compile()
+
+
+def _compile_sampler_and_bpd(mesh):
+    config = _tiny_unet_config()
+    graphdef, _, rest = nnx.split(train.abstract_model(config), nnx.Param, ...)
+    apply = generation.model_apply(graphdef, rest)
+    params = jax.eval_shape(lambda: train.init_train_state(config)[2]).params
+    labels = jax.ShapeDtypeStruct((8,), jnp.int32)
+    key = jax.random.PRNGKey(0)
+    generation.make_sampler(config, apply, mesh, 8, "2").lower(params, key, labels).compile()
+    images = jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.uint8)
+    mask = jax.ShapeDtypeStruct((8,), jnp.float32)
+    bpd_fn = evaluate.make_bpd_fn(config, apply, mesh)
+    bpd_fn.lower(params, images, labels, mask, key).compile()
+
+
+def _compile_inception(mesh):
+    zeros = lambda key, shape, dtype=np.float32: np.zeros(shape, dtype)
+    params = nnx.state(inception.InceptionV3(nnx.Rngs(0), kernel_init=zeros))
+    fn = inception.make_feature_fn(params, mesh, size=75)
+    fn.forward.lower(fn.params, jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.uint8)).compile()
+
+
+@pytest.mark.parametrize(
+    "compile_programs,modules",
+    [
+        (_compile_train, ["jit_multi_step"]),
+        (_compile_sampler_and_bpd, ["jit_run"] * 2),
+        (_compile_inception, ["jit_forward"]),
+    ],
+)
+def test_model_programs_compile_with_the_options(compile_programs, modules, tmp_path, monkeypatch):
+    """Every jitted program that runs a model takes `compiler_options(mesh)`: options that
+    make XLA dump each module it compiles show one dump per program."""
+    dump = {"xla_dump_to": str(tmp_path)}
+    monkeypatch.setattr(distributed, "compiler_options", lambda mesh=None: dump)
+    compile_programs(distributed.make_mesh(jax.devices()[:1]))
+    dumped = [p.name.split(".")[1] for p in tmp_path.glob("*after_optimizations.txt")]
+    assert sorted(dumped) == modules
