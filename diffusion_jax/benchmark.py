@@ -406,16 +406,24 @@ class Benchmark:
         graphdef, _, rest = nnx.split(train.abstract_model(self.config_for(dtype)), nnx.Param, ...)
         return generation.model_apply(graphdef, rest)
 
-    def _sharded_images(self, batch: int, leading: int = 0, uint8: bool = False):
-        """Random global arrays {'image', 'label'} of `batch` images sharded over the mesh
-        (each process supplies its share, as the input pipeline does)."""
+    def _sharded_images(
+        self, batch: int, leading: int = 0, uint8: bool = False, channels: int | None = None
+    ):
+        """Random global arrays {'image', 'label'} of `batch` images (`channels`, default the
+        data's) sharded over the mesh (each process supplies its share, as the input pipeline
+        does)."""
         import jax
 
         from diffusion_jax import distributed
 
         data = self.config.data
         local = batch // jax.process_count()
-        shape = (1,) * leading + (local, data.image_size, data.image_size, data.channels)
+        shape = (1,) * leading + (
+            local,
+            data.image_size,
+            data.image_size,
+            channels or data.channels,
+        )
         rng = np.random.default_rng(0)
         if uint8:
             x = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -428,8 +436,9 @@ class Benchmark:
         if batch <= 0 or batch % self.n_dev:
             raise ValueError(f"{what}={batch} must be a positive multiple of {self.n_dev} devices")
 
-    def _compile_and_time(self, fn, args: tuple, repeats: int):
-        """(compiled fn, compile seconds, median seconds, all seconds) of `fn(*args)`."""
+    def _compile_and_time(self, fn, args: tuple, repeats: int) -> tuple[Any, dict[str, Any]]:
+        """(compiled fn, the `row` fields of timing `fn(*args)`: median and all seconds,
+        compile seconds, device peak and XLA's memory analysis)."""
         import jax
 
         start = time.perf_counter()
@@ -437,7 +446,14 @@ class Benchmark:
         compile_s = time.perf_counter() - start
         run = lambda: jax.block_until_ready(compiled(*args))
         seconds, times = median_time(run, warmup=self.opts.warmup, repeats=repeats)
-        return compiled, compile_s, seconds, times
+        timing = dict(
+            seconds=seconds,
+            seconds_all=times,
+            compile_s=round(compile_s, 2),
+            peak=self.peak,
+            memory=compiled_memory(compiled),
+        )
+        return compiled, timing
 
     def _add(self, result: dict[str, Any]) -> None:
         self.log(format_row(result))
@@ -590,20 +606,14 @@ class Benchmark:
         params = self.state().params
         x = self._sharded_images(batch)["image"]
         t = jax.device_put(jnp.arange(batch, dtype=jnp.int32), sharded)
-        compiled, compile_s, seconds, times = self._compile_and_time(
-            fn, (params, x, t), self.opts.repeats
-        )
+        compiled, timing = self._compile_and_time(fn, (params, x, t), self.opts.repeats)
         result = row(
             "forward",
             dtype,
             batch,
-            seconds=seconds,
-            seconds_all=times,
             images=batch,
             flops=compiled_flops(compiled),
-            peak=self.peak,
-            compile_s=round(compile_s, 2),
-            memory=compiled_memory(compiled),
+            **timing,
         )
         self._add(result)
 
@@ -626,7 +636,7 @@ class Benchmark:
         params = self.state().params
         key = jax.random.PRNGKey(0)
         labels = self._sharded_images(images)["label"]
-        compiled, compile_s, seconds, times = self._compile_and_time(
+        compiled, timing = self._compile_and_time(
             sampler, (params, key, labels), self.opts.sample_repeats
         )
         full = steps == total and images >= 256
@@ -639,15 +649,11 @@ class Benchmark:
             dtype,
             images,
             steps=steps,
-            seconds=seconds,
-            seconds_all=times,
             images=images,
             flops=flops,
-            peak=self.peak,
-            compile_s=round(compile_s, 2),
             note=note + ("" if full else " (reduced; not extrapolated)"),
             flops_source="forward cost analysis x images x steps",
-            memory=compiled_memory(compiled),
+            **timing,
         )
         self._add(result)
 
@@ -683,23 +689,17 @@ class Benchmark:
         params = self.state().params
         x = self._sharded_images(batch)["image"]
         key = jax.random.PRNGKey(0)
-        compiled, compile_s, seconds, times = self._compile_and_time(
-            fn, (params, x, key), self.opts.sample_repeats
-        )
+        compiled, timing = self._compile_and_time(fn, (params, x, key), self.opts.sample_repeats)
         note = "full chain" if steps == total else f"respaced bound over {steps} of {total} steps"
         result = row(
             "bpd",
             dtype,
             batch,
             steps=steps,
-            seconds=seconds,
-            seconds_all=times,
             images=batch,
             flops=fwd_flops * batch * steps / self.n_dev if fwd_flops else None,
-            peak=self.peak,
-            compile_s=round(compile_s, 2),
             note=note + ("" if steps == total else " (reduced; not extrapolated)"),
-            memory=compiled_memory(compiled),
+            **timing,
         )
         self._add(result)
 
@@ -716,22 +716,19 @@ class Benchmark:
         params = nnx.state(inception.InceptionV3(nnx.Rngs(0), kernel_init=zeros))
         size = self.opts.inception_size
         feature_fn = inception.make_feature_fn(params, self.mesh, size=size)
-        images = self._sharded_images(batch, uint8=True)["image"]
-        compiled, compile_s, seconds, times = self._compile_and_time(
+        # RGB: the evaluation tiles grey images to 3 channels before Inception
+        images = self._sharded_images(batch, uint8=True, channels=3)["image"]
+        compiled, timing = self._compile_and_time(
             feature_fn.forward, (feature_fn.params, images), self.opts.repeats
         )
         result = row(
             "inception",
             "float32",
             batch,
-            seconds=seconds,
-            seconds_all=times,
             images=batch,
             flops=compiled_flops(compiled),
-            peak=self.peak,
-            compile_s=round(compile_s, 2),
             note=f"{self.config.data.image_size}px uint8 -> {size}px, pool3 + logits",
-            memory=compiled_memory(compiled),
+            **timing,
         )
         self._add(result)
 

@@ -200,3 +200,15 @@ def test_checkpoint_task_saves_the_whole_train_state(tmp_path, monkeypatch):
     assert len(row["seconds_all"]) == len(row["written_s_all"]) == 2
     assert row["images_per_s"] is None
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone
+
+
+def test_inception_task_on_grey_data():
+    """Grey datasets are fed to Inception as RGB, as the evaluation tiles them."""
+    from configs.digits import get_config as digits_config
+
+    opts = bench.Options(
+        only=("inception",), inception_batch=8, inception_size=75, repeats=1, num_devices=1
+    )
+    (row,) = bench.run_benchmark(digits_config(), opts, log=lambda s: None)["results"]
+    assert row["task"] == "inception" and row["batch"] == 8 and row["images_per_s"] > 0
+    assert row["flops"] > 0 and row["memory"]["temp_bytes"] > 0
