@@ -23,6 +23,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     data.eval_split = "test"
     data.num_classes = 10  # classes in the dataset (used only when the model is conditional)
     data.prefetch = 2
+    data.levels = 256  # grey levels per channel of the data; stored samples are rounded to them
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"  # linear | cosine | quad | const | jsd | warmup10 | warmup50
@@ -67,22 +68,44 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.keep_every = 50_000  # and every K-th step kept for evaluation
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "ancestral"  # ancestral | ddim
-    sampling.respacing = ""  # "" full chain; "100" K evenly spaced; "10,10,10" sections; "ddim50"
+    # ancestral | ddim (the chain) | dpm_solver++ | dpm_solver | heun (ODE solvers, solvers.py)
+    sampling.method = "ancestral"
+    # ancestral/ddim only: "" full chain; "100" K evenly spaced; "10,10,10" sections; "ddim50"
+    sampling.respacing = ""
+    # Steps (0 = not given). ODE solvers need it (NFE: solvers.nfe; heun 2N - 1). For
+    # ancestral/ddim with respacing = "", the chain of `spacing` with N steps (ancestral
+    # "uniform" = respacing "N"; ddim "uniform" = the DDIM paper's range(0, T, T // N)).
+    sampling.num_steps = 0
+    # "" = the method's default (ancestral/ddim: uniform, dpm_solver(++): logsnr, heun: karras)
+    # | uniform | logsnr | quadratic | karras (ancestral/ddim: uniform | quadratic only)
+    sampling.spacing = ""
+    sampling.order = 0  # 0 = default; dpm_solver: 1 | 2 | 3 (3), dpm_solver++: 1 | 2 (2)
+    sampling.dpm_solver_variant = "singlestep"  # dpm_solver: singlestep (-fast) | multistep
+    sampling.lower_order_final = True  # multistep solvers: lower orders in the last steps (< 10)
     sampling.eta = 0.0
     sampling.clip_denoised = True
     sampling.guidance_scale = 0.0  # classifier-free guidance weight w (0 = off)
     sampling.num_samples = 50_000
     sampling.batch_size = 256
-    sampling.preview_respacing = "100"  # short chain for previews during training
+    sampling.preview_respacing = "100"  # previews' chain (ancestral/ddim; solvers: num_steps)
     sampling.preview_num = 64
     sampling.checkpoint_step = -1  # --mode sample: the checkpoint to draw from (-1 = latest)
     sampling.max_shards = 0  # --mode sample: stop after this many new shards (0 = all)
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.once = False
+    # Evaluators run on each checkpoint, in this order (diffusion_jax/evaluation/__init__.py).
+    ev.evaluators = ("bpd", "samples", "interpolation", "fid")
     ev.num_samples = 50_000
-    ev.bpd_num_examples = 10_000
+    ev.bpd_num_examples = 10_000  # test images for 'bpd' and 'ode_bpd'
+    # Network calls for likelihoods ('bpd', 'ode_bpd') at this matmul/conv precision: highest
+    # keeps float32 on TPU and GPU (no bf16 passes, no TF32). Sampling uses the default.
+    ev.precision = "highest"
+    ev.ode_num_steps = 50  # 'ode_bpd': fixed RK4 steps, uniform in log-SNR (4 NFE each)
+    ev.ode_solver = "rk4"  # rk4 | heun
+    ev.ode_divergence = "hutchinson"  # hutchinson | exact (small data only)
+    ev.ode_probe = "rademacher"  # rademacher | gaussian
+    ev.ode_num_probes = 1
     ev.batch_size = 256
     ev.inception_weights = ""  # path to pt_inception-2015-12-05-6726825d.pth ("" = cache/download)
     ev.poll_seconds = 60

@@ -1,7 +1,23 @@
 """The embedded offline default: scikit-learn's 8x8 handwritten digits (bundled with the
-package, no download) at their native 8x8 resolution, with a small U-Net that draws
-recognisable digits after about three minutes of training on 2 CPU cores. The diffusion is
-the paper's (T = 1000, linear betas)."""
+package, no download) at their native 8x8 resolution, with a small U-Net (701k parameters)
+that draws digits close to real ones after about five minutes of training on 2 CPU cores.
+
+What departs from the paper's CIFAR-10 recipe, and why (two-sample classifier accuracy of
+800 samples of the full 1000-step ancestral chain against the real digits, 5-fold CV,
+logistic regression / random forest / MLP; 0.5 = indistinguishable, real vs real 0.48-0.52):
+
+* the IDDPM cosine noise schedule (T = 1000) instead of linear betas: at 8x8 the linear
+  schedule destroys the digits within the first third of the chain (IDDPM §3.2). With the
+  recipe below, linear gives 0.54 / 0.65 / 0.57, cosine 0.53 / 0.57 / 0.52 (3000 steps);
+* 4000 steps of batch 64 with Adam 2e-3 (warmup 200) and EMA 0.999, against 1500 steps with
+  1e-3 and EMA 0.995 before (0.72 / 1.00 / 0.96 for samples stored with 256 grey levels);
+  4000 steps give 0.52 / 0.55 / 0.51;
+* samples are stored on the data's 17 grey levels (`data.levels`, scikit-learn's counts
+  0..16), as the data are: with 256 levels a random forest tells any sample by its pixel
+  values alone (1.00).
+
+The paper's diffusion is one flag away: `--config.diffusion.schedule=linear`.
+"""
 
 from configs.base import get_base_config
 
@@ -13,6 +29,9 @@ def get_config():
     config.data.channels = 1
     config.data.random_flip = False  # digits are not mirror-symmetric
     config.data.num_classes = 10
+    config.data.levels = 17  # scikit-learn's pixel counts 0..16
+
+    config.diffusion.schedule = "cosine"  # the paper's: "linear" (see the docstring)
 
     config.model.ch = 32
     config.model.ch_mult = (1, 2)
@@ -22,20 +41,22 @@ def get_config():
     config.model.dropout = 0.0
 
     config.training.batch_size = 64
-    config.training.num_train_steps = 1500
-    config.training.learning_rate = 1e-3
-    config.training.warmup_steps = 100
-    config.training.ema_decay = 0.995
-    config.training.log_every = 100
-    config.training.sample_every = 500
-    config.training.checkpoint_every = 500
-    config.training.keep_every = 1000
+    config.training.num_train_steps = 4000
+    config.training.learning_rate = 2e-3
+    config.training.warmup_steps = 200
+    config.training.ema_decay = 0.999
+    config.training.log_every = 250
+    config.training.sample_every = 1000
+    config.training.checkpoint_every = 1000
+    config.training.keep_every = 2000
 
     config.sampling.preview_respacing = "100"
     config.sampling.preview_num = 64
     # Evaluation sized for a CPU: the full 1000-step chain costs 1000 network calls per image,
     # for bits/dim and for every sample alike.
-    config.eval.num_samples = 1000  # FID/IS samples (only with the Inception weights)
+    # FID needs the Inception weights (absent offline); 'quality' scores digits without them.
+    config.eval.evaluators = ("bpd", "ode_bpd", "samples", "interpolation", "quality", "fid")
+    config.eval.num_samples = 1000  # samples scored by 'quality' and FID/IS
     config.eval.bpd_num_examples = 64
     config.eval.batch_size = 64
     config.eval.grid_num = 36

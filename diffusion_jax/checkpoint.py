@@ -3,32 +3,52 @@
 Saves are asynchronous; the manager keeps the last `training.keep` checkpoints plus every
 `training.keep_every`-th step for evaluation. Orbax finalises a checkpoint by an atomic
 rename, so `latest_step()` never returns a half-written one.
+
+Faults end in one line (`CheckpointError`, which main.py prints before exiting with status
+1) instead of TensorStore's and asyncio's tracebacks: a checkpoint that cannot be read
+(truncated, corrupt or missing files) is `UnreadableCheckpointError` naming it and the root
+cause, and readers fall back to the newest readable one; a save that fails (e.g. a full
+disk), in the foreground or in orbax's background thread, names the step and the directory.
+A damaged checkpoint is never deleted: training moves it aside to `<step>.damaged-<time>`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import PurePath
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-# Config fields that fix the shapes of the saved parameters.
-SHAPE_FIELDS = ("data.image_size", "data.channels", "diffusion.model_var_type") + tuple(
-    f"model.{k}"
-    for k in (
-        "name",
-        "ch",
-        "ch_mult",
-        "num_res_blocks",
-        "attn_resolutions",
-        "num_classes",
-        "resamp_with_conv",
-        "hidden",
-        "depth",
-    )
-)
+from diffusion_jax import logs, models
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or written. The message is one line: which checkpoint,
+    why (the root cause in a few words) and what to do."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """Checkpoint `step` in `directory` cannot be read: truncated, corrupt or missing files."""
+
+    def __init__(self, directory: str | epath.Path, step: int, reason: str):
+        self.directory, self.step, self.reason = epath.Path(directory), int(step), reason
+        super().__init__(f"checkpoint {step} in {directory} is unreadable: {reason}")
+
+
+# config.model fields that change the network's function but not its shapes (a warning).
+FUNCTION_FIELDS = ("num_groups", "norm_eps", "dtype")
 
 
 def manager(
@@ -37,29 +57,350 @@ def manager(
     keep_every: int | None = None,
     async_save: bool = True,
 ) -> ocp.CheckpointManager:
+    """The training run's manager. Unfinished saves of an earlier run (orbax's
+    `<step>.orbax-checkpoint-tmp` folders, e.g. left by a full disk) are removed.
+
+    The step's folders are created in the foreground: when that fails (a full disk),
+    orbax's background writers would otherwise wait 5 minutes for them, and the process
+    could not exit before they gave up."""
+    _quiet_reported_errors()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         keep_period=keep_every or None,
         enable_async_checkpointing=async_save,
         create=True,
+        cleanup_tmp_directories=True,
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
     )
     return ocp.CheckpointManager(epath.Path(directory), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, force: bool = True) -> bool:
-    return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    force: bool = True,
+    *,
+    last_complete: int | None = None,
+) -> bool:
+    """Starts writing `state` as checkpoint `step` (in the background for an asynchronous
+    manager). CheckpointError (one line) if it cannot be; `last_complete`, the newest
+    checkpoint known to be complete, is named in it."""
+    try:
+        return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+    except Exception as e:  # noqa: BLE001 - every write failure becomes the one line
+        _let_background_writers_end()
+        raise write_error(mngr.directory, step, e, last_complete) from None
+
+
+def finish_saving(
+    mngr: ocp.CheckpointManager, step: int | None, last_complete: int | None = None
+) -> None:
+    """Waits for the background write of checkpoint `step` (None: no save pending); a failed
+    write raises CheckpointError naming `step`."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        _let_background_writers_end()
+        raise write_error(mngr.directory, step, e, last_complete) from None
+
+
+def _let_background_writers_end(timeout: float = 60.0) -> None:
+    """After a failed save, waits (at most `timeout` s in all) for orbax's other background
+    writers of it, which go on after the first one failed: an exit right away would cut them
+    off mid-write, each printing a traceback."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        if type(thread).__module__.startswith("orbax") or thread.name == "async_save":
+            threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
+
+
+def write_error(
+    directory: str | epath.Path, step: int | None, error: BaseException, last_complete: int | None
+) -> CheckpointError:
+    """The one-line CheckpointError for a failed write of checkpoint `step` in `directory`."""
+    which = f"checkpoint {step}" if step is not None else "a checkpoint"
+    if last_complete is not None:
+        after = (
+            f"the last complete checkpoint (step {last_complete}) is intact; "
+            f"{'free some space' if _is_disk_full(error) else 'fix this'} and rerun to resume "
+            "from it"
+        )
+    else:
+        after = "no checkpoint of this run is complete yet"
+    return CheckpointError(
+        f"could not write {which} to {directory}: {describe_error(error, directory)}; "
+        f"training stopped and {after}"
+    )
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-    """Restores `step` into the structure, shapes and shardings of `abstract_state`."""
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    """Restores `step` into the structure, shapes and shardings of `abstract_state`.
+
+    UnreadableCheckpointError (the same on every process) when its files are damaged;
+    ValueError when it holds another structure or other shapes than `abstract_state`;
+    CheckpointError when the storage could not be read (unreachable, no permission).
+    """
+    directory = epath.Path(mngr.directory)
+    error = None
+    try:
+        restored = _read(mngr, directory, step, abstract_state)
+    except UnreadableCheckpointError as e:
+        error = e
+    if not _all_processes(error is None):
+        raise error or UnreadableCheckpointError(directory, step, "unreadable on another process")
+    return restored
 
 
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
-    value: Any = config
-    for part in dotted.split("."):
-        value = value.get(part) if hasattr(value, "get") else None
-    return list(value) if isinstance(value, tuple) else value
+def _read(mngr, directory: epath.Path, step: int, abstract_state: Any) -> Any:
+    _quiet_reported_errors()
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(directory / str(step) / "default")
+    except Exception as e:  # noqa: BLE001
+        raise _read_error(directory, step, e) from None
+    mismatch = _structure_mismatch(abstract_state, saved)
+    if mismatch:
+        raise ValueError(
+            f"checkpoint {step} in {directory} does not fit this config and code: {mismatch} "
+            "(another model or training state than this config's; not a damaged checkpoint)"
+        )
+    try:
+        return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # noqa: BLE001
+        raise _read_error(directory, step, e) from None
+
+
+def _all_processes(ok: bool) -> bool:
+    """True when `ok` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([int(ok)], np.int32))))
+
+
+def restore_newest(
+    mngr: ocp.CheckpointManager,
+    abstract_state: Any,
+    steps: list[int] | None = None,
+    *,
+    move_damaged: bool = False,
+    log=None,
+) -> tuple[int | None, Any]:
+    """(step, state) of the newest readable checkpoint among `steps` (all of `mngr`'s by
+    default), or (None, `abstract_state`) when there is none. Each unreadable one newer than
+    it is reported in one line through `log` and, with `move_damaged` (training, so a later
+    save of the same step does not collide with it), renamed to `<step>.damaged-<time>`,
+    never deleted. CheckpointError when every checkpoint is unreadable."""
+    log = log or logs.log
+    directory = epath.Path(mngr.directory)
+    steps = sorted(mngr.all_steps() if steps is None else steps, reverse=True)
+    damaged: list[UnreadableCheckpointError] = []
+    for step in steps:
+        try:
+            state = restore(mngr, step, abstract_state)
+        except UnreadableCheckpointError as e:
+            damaged.append(e)
+            continue
+        for bad in damaged:
+            if move_damaged:
+                moved = move_aside(directory, bad.step, bad.reason)
+                log(
+                    f"Checkpoint {bad.step} in {directory} is unreadable: {bad.reason}; "
+                    f"moved it to {moved.name} (kept, not deleted); using step {step}."
+                )
+            else:
+                log(
+                    f"Checkpoint {bad.step} in {directory} is unreadable: {bad.reason}; "
+                    f"using step {step}."
+                )
+        if move_damaged and damaged:
+            mngr.reload()
+        return step, state
+    if damaged:
+        raise CheckpointError(
+            f"no readable checkpoint in {directory}: "
+            + "; ".join(f"step {e.step}: {e.reason}" for e in damaged)
+            + ". Nothing was changed: copy an intact checkpoint back, or move these step "
+            "folders out of the way to start from scratch."
+        )
+    return None, abstract_state
+
+
+def move_aside(directory: epath.Path, step: int, reason: str) -> epath.Path:
+    """Renames checkpoint `step` to `<step>.damaged-<time>` (a name orbax ignores) on the
+    chief, while every process waits; CheckpointError when it cannot be renamed."""
+    directory = epath.Path(directory)
+    target = directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    error = None
+    if logs.is_chief():
+        try:
+            (directory / str(step)).rename(target)
+        except Exception as e:  # noqa: BLE001 - e.g. a directory rename the store refuses
+            error = e
+    if not _all_processes(error is None):
+        why = f"{type(error).__name__}: {error}" if error else "failed on the chief"
+        raise CheckpointError(
+            f"checkpoint {step} in {directory} is unreadable ({reason}) and could not be "
+            f"renamed to {target.name} ({why}); move it out of {directory} by hand (nothing "
+            "was deleted), then rerun"
+        )
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors in a few words, and the tracebacks they would otherwise print
+
+# TensorStore's status codes that mean the stored bytes are bad, not the storage unreachable.
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
+_STATUS = re.compile(r"^([A-Z_]+): ")
+_SPEC = re.compile(r"\s*\[(tensorstore_spec|source locations)\b.*", re.S)
+
+
+def _error_text(error: BaseException, root: str | epath.Path | None = None) -> str:
+    text = _SPEC.sub("", str(error)).strip().splitlines()[0] if str(error).strip() else ""
+    if root is not None:
+        text = text.replace(f"{epath.Path(root)}/", "")
+    return text
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def describe_error(error: BaseException, root: str | epath.Path | None = None) -> str:
+    """The root cause of an orbax/TensorStore I/O error in a few words, paths relative to
+    `root`: e.g. 'no space left on device', '6/default/d/0a1b...: truncated (50589 of 101178
+    bytes)', '6/default/manifest.ocdbt: data loss (...)'."""
+    if _is_disk_full(error):
+        return "no space left on device"
+    text = _error_text(error, root)
+    status = _STATUS.match(text)
+    files = [f for f in re.findall(r'file "([^"]+)"', text) if not f.endswith("/")]
+    where = f"{files[-1]}: " if files else ""
+    size = re.search(r"byte range \[\d+, (\d+)\) is not valid for value of size (\d+)", text)
+    if size:
+        why = f"truncated ({size[2]} of {size[1]} bytes)"
+    elif isinstance(error, json.JSONDecodeError):
+        where, why = "", f"a metadata file is not valid JSON ({error.msg}; truncated?)"
+    elif status and status[1] == "NOT_FOUND":
+        why = "missing" if where else text.rsplit(": ", 1)[-1]
+    elif status:
+        why = f"{status[1].lower().replace('_', ' ')} ({text.rsplit(': ', 1)[-1]})"
+    else:
+        why = f"{type(error).__name__}: {text}"
+    message = where + why
+    return message if len(message) <= 300 else message[:297] + "..."
+
+
+def _read_error(directory: epath.Path, step: int, error: Exception) -> CheckpointError:
+    """UnreadableCheckpointError for damaged files; CheckpointError (no fallback to older
+    checkpoints) when the storage itself failed; other errors are bugs and raised as is."""
+    text = _error_text(error)
+    status = _STATUS.match(text)
+    reason = describe_error(error, directory)
+    if isinstance(error, json.JSONDecodeError | UnicodeDecodeError | EOFError | FileNotFoundError):
+        return UnreadableCheckpointError(directory, step, reason)
+    if status and status[1] in _DAMAGE_CODES:
+        return UnreadableCheckpointError(directory, step, reason)
+    if status or isinstance(error, OSError):
+        return CheckpointError(
+            f"could not read checkpoint {step} in {directory}: {reason}; nothing was changed "
+            "(is the storage reachable and readable?): rerun once it is"
+        )
+    raise error
+
+
+def _path_name(path) -> str:
+    return ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree) -> dict[str, tuple | None]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        _path_name(path): (None if getattr(leaf, "shape", None) is None else tuple(leaf.shape))
+        for path, leaf in leaves
+    }
+
+
+def _structure_mismatch(abstract_state: Any, saved: Any) -> str | None:
+    """What differs between the leaves (names, shapes) of `abstract_state` and those a
+    checkpoint's metadata lists; None when they agree (or the metadata lists none)."""
+    mine, theirs = _shapes(abstract_state), _shapes(saved)
+    if not theirs:
+        return None
+    parts = []
+    missing, extra = sorted(mine.keys() - theirs.keys()), sorted(theirs.keys() - mine.keys())
+    if missing:
+        parts.append(f"{len(missing)} entries are not in it (e.g. {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} of its entries are not in this state (e.g. {extra[0]})")
+    differ = sorted(
+        k
+        for k in mine.keys() & theirs.keys()
+        if None not in (mine[k], theirs[k]) and mine[k] != theirs[k]
+    )
+    if differ:
+        k = differ[0]
+        parts.append(f"{len(differ)} shapes differ (e.g. {k}: saved {theirs[k]}, here {mine[k]})")
+    return "; ".join(parts) or None
+
+
+def _reported_by_us(exc: BaseException | None) -> bool:
+    """Errors our own one-line reports describe: damaged data, a full disk."""
+    if exc is None:
+        return False
+    if _is_disk_full(exc):
+        return True
+    status = _STATUS.match(_error_text(exc))
+    return bool(status) and status[1] in _DAMAGE_CODES + ("RESOURCE_EXHAUSTED",)
+
+
+class _ReportedErrorFilter(logging.Filter):
+    """Drops the tracebacks orbax's background threads and asyncio log for an error that is
+    also raised to this package's code, which reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info:
+            return True
+        from_orbax = "orbax" in PurePath(record.pathname).parts
+        if not (from_orbax or record.name == "asyncio"):
+            return True
+        return not _reported_by_us(record.exc_info[1])
+
+
+def _quiet_reported_errors() -> None:
+    """Installs, once, the filters that keep a failed read or write to our one line:
+    `_ReportedErrorFilter`, and an unraisable-exception hook that drops TensorStore's
+    callbacks into the event loop of a restore that already failed ("Event loop is closed",
+    dozens of tracebacks, printed from TensorStore's threads after the error is raised) and
+    the garbage-collected read coroutines of that restore."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ReportedErrorFilter) for f in logger.filters):
+            logger.addFilter(_ReportedErrorFilter())
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable):
+        exc, where = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return  # TensorStore's callback into the closed loop of a failed restore
+        if where is not None and "orbax" in PurePath(where.co_filename).parts:
+            return  # a read coroutine of that restore, collected with its error unretrieved
+        previous(unraisable)
+
+    hook._drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
 
 
 def config_path(workdir: str | epath.Path) -> epath.Path:
@@ -80,18 +421,98 @@ def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict | None:
 
 
 def check_compatible(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses to resume a run whose saved parameters have another shape than `config`'s."""
+    """Refuses (ValueError) a config whose parameter shapes differ from those of the run
+    saved in `workdir` (`models.shape_signature`), and warns about other differing network
+    fields (e.g. model.num_groups of an imported model)."""
     saved = read_config(workdir)
     if saved is None:
         return
+    theirs, mine = models.shape_signature(saved), models.shape_signature(config)
     diffs = [
-        f"{f}: workdir has {_get(saved, f)!r}, this config has {_get(config, f)!r}"
-        for f in SHAPE_FIELDS
-        if _get(saved, f) != _get(config, f)
+        f"{k}: workdir has {theirs.get(k)!r}, this config has {v!r}"
+        for k, v in mine.items()
+        if theirs.get(k) != v
     ]
     if diffs:
         raise ValueError(
-            f"{workdir} holds a run with a different model shape, so it cannot be resumed:\n  "
+            f"{workdir} holds a run with a different model shape, so it cannot be used with "
+            "this config:\n  "
             + "\n  ".join(diffs)
             + "\nUse a new --workdir, or set these fields to the workdir's values."
         )
+    for name in FUNCTION_FIELDS:
+        value, saved_value = config.model.get(name), saved.get("model", {}).get(name)
+        if saved_value is not None and value != saved_value:
+            logs.log(
+                f"warning: config.model.{name}={value!r} but {workdir} was written with "
+                f"{saved_value!r}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the checkpoints of a workdir (evaluation, sampling): nothing is created or deleted.
+
+
+def checkpoints_dir(workdir: str | epath.Path) -> epath.Path:
+    return epath.Path(workdir) / "checkpoints"
+
+
+def reader(workdir: str | epath.Path) -> ocp.CheckpointManager:
+    """A manager that neither creates, deletes nor saves anything."""
+    _quiet_reported_errors()
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(checkpoints_dir(workdir), options=options)
+
+
+def checkpoint_steps(workdir: str | epath.Path) -> list[int]:
+    """Steps of the finished checkpoints in `workdir/checkpoints`, ascending."""
+    if not checkpoints_dir(workdir).exists():
+        return []
+    mngr = reader(workdir)
+    try:
+        return sorted(int(s) for s in mngr.all_steps())
+    finally:
+        mngr.close()
+
+
+def restore_step(workdir: str | epath.Path, step: int, abstract_state: Any) -> Any:
+    """The state of checkpoint `step`, placed as `abstract_state`'s shardings say
+    (UnreadableCheckpointError when it is damaged; see `restore`)."""
+    mngr = reader(workdir)
+    try:
+        return restore(mngr, step, abstract_state)
+    finally:
+        mngr.close()
+
+
+def restore_newest_step(
+    workdir: str | epath.Path, abstract_state: Any, steps: list[int] | None = None
+) -> tuple[int, Any]:
+    """(step, state) of the newest readable checkpoint of `workdir` among `steps` (default:
+    all), each unreadable newer one reported in a line; CheckpointError when there is none."""
+    mngr = reader(workdir)
+    try:
+        step, state = restore_newest(mngr, abstract_state, steps)
+    finally:
+        mngr.close()
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {checkpoints_dir(workdir)}")
+    return step, state
+
+
+def check_workdir_exists(workdir: str | epath.Path) -> None:
+    """FileNotFoundError saying that `workdir` does not exist (a typo?)."""
+    if not epath.Path(workdir).exists():
+        raise FileNotFoundError(
+            f"the workdir {workdir} does not exist (a typo?); give the --workdir of a training "
+            "run, or import released weights with `python -m diffusion_jax.convert --source SRC "
+            "--workdir DIR --config FILE`"
+        )
+
+
+def write_atomic(path: epath.Path, data: bytes) -> None:
+    """Writes `data` under a temporary name in the same folder, then renames it into place
+    (replacing an older file), so readers never see a partial file."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.replace(path)

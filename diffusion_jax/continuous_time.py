@@ -97,7 +97,8 @@ def inverse_lambda(vp: VPSchedule, lam: jax.Array) -> jax.Array:
 def drift_coefficient(vp: VPSchedule, t: jax.Array) -> jax.Array:
     """f(t) = d log(alpha_t) / dt, the slope of the knot segment holding t (negative)."""
     xp, fp = vp.t_array, vp.log_alpha_array
-    i = jnp.clip(jnp.searchsorted(xp, jnp.asarray(t, jnp.float32), side="right") - 1, 0, xp.shape[0] - 2)
+    i = jnp.searchsorted(xp, jnp.asarray(t, jnp.float32), side="right") - 1
+    i = jnp.clip(i, 0, xp.shape[0] - 2)
     return (fp[i + 1] - fp[i]) / (xp[i + 1] - xp[i])
 
 
@@ -125,9 +126,56 @@ def eps_and_x0(
             f"diffusion.model_output={model_output_type!r} has no ODE form; "
             f"allowed: {', '.join(ODE_MODEL_OUTPUTS)}"
         )
+    alpha = jnp.exp(marginal_log_alpha(vp, t))
+    return eps_and_x0_at(model_output_type, output, x, alpha, marginal_sigma(vp, t))
+
+
+def host_knots(vp: VPSchedule) -> tuple[np.ndarray, np.ndarray]:
+    """(t_array, log_alpha_array) as float64 NumPy, for step tables computed on the host at
+    trace time (the schedule must be concrete, e.g. closed over, not a traced argument)."""
+    try:
+        return np.asarray(vp.t_array, np.float64), np.asarray(vp.log_alpha_array, np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError("host step tables need a concrete VPSchedule, not a traced one") from e
+
+
+def _interp_host(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """`_interp` in float64 NumPy (same knots, same linear extrapolation)."""
+    x = np.asarray(x, np.float64)
+    if xp.shape[0] == 1:
+        return np.broadcast_to(fp[0], x.shape).copy()
+    i = np.clip(np.searchsorted(xp, x, side="right") - 1, 0, xp.shape[0] - 2)
+    return fp[i] + (x - xp[i]) * (fp[i + 1] - fp[i]) / (xp[i + 1] - xp[i])
+
+
+def marginal_coefficients_host(
+    vp: VPSchedule, t: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(log alpha_t, alpha_t, sigma_t, lambda_t) in float64 on the host (t of any shape)."""
+    t_array, log_alpha_array = host_knots(vp)
+    log_alpha = _interp_host(t, t_array, log_alpha_array)
+    sigma2 = -np.expm1(2.0 * log_alpha)
+    return log_alpha, np.exp(log_alpha), np.sqrt(sigma2), log_alpha - 0.5 * np.log(sigma2)
+
+
+def inverse_lambda_host(vp: VPSchedule, lam: np.ndarray) -> np.ndarray:
+    """`inverse_lambda` in float64 on the host."""
+    t_array, log_alpha_array = host_knots(vp)
+    log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * np.asarray(lam, np.float64))
+    return _interp_host(log_alpha, log_alpha_array[::-1], t_array[::-1])
+
+
+def eps_and_x0_at(
+    model_output_type: str, output: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`eps_and_x0` given alpha_t and sigma_t ([] or [B]) instead of t."""
+    if model_output_type not in ODE_MODEL_OUTPUTS:
+        raise ValueError(
+            f"diffusion.model_output={model_output_type!r} has no ODE form; "
+            f"allowed: {', '.join(ODE_MODEL_OUTPUTS)}"
+        )
     out = output[..., : x.shape[-1]]
-    alpha = _expand(jnp.exp(marginal_log_alpha(vp, t)), x)
-    sigma = _expand(marginal_sigma(vp, t), x)
+    alpha, sigma = _expand(alpha, x), _expand(sigma, x)
     if model_output_type == "eps":
         return out, (x - sigma * out) / alpha
     if model_output_type == "x0":

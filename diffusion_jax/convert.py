@@ -40,7 +40,7 @@ int keys), usable with `load_params_into(model, params)` or `nnx.replace_by_pure
 
 Workdir output (`--workdir W --config configs/cifar10.py`, `write_workdir`): `W/config.json`
 holds the experiment config merged with the imported model config (`merge_imported_config`),
-and `W/checkpoints/0` an orbax checkpoint of a full `train.TrainState` whose `params` and
+and `W/checkpoints/0` an orbax checkpoint of a full `state.TrainState` whose `params` and
 `ema_params` are the imported weights (optimiser state freshly initialised, step 0), so that
 `python -m diffusion_jax.main --config configs/cifar10.py --workdir W --mode eval
 --config.eval.once=True` (or `--mode sample`) evaluates the released model as it would a
@@ -61,7 +61,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffusion_jax.models import unet_kwargs
+from diffusion_jax import models
 from diffusion_jax.models.unet import UNet
 
 SEP = "/"
@@ -107,46 +107,10 @@ def unflatten_params(flat: Mapping[str, np.ndarray]) -> Params:
 # Model configs.
 
 
-def _imported_config(
-    *,
-    image_size: int,
-    in_channels: int,
-    out_channels: int,
-    ch: int,
-    ch_mult: tuple[int, ...],
-    num_res_blocks: int,
-    attn_resolutions: tuple[int, ...],
-    resamp_with_conv: bool = True,
-    num_groups: int = 32,
-    norm_eps: float = 1e-6,
-    dropout: float = 0.0,
-) -> ml_collections.ConfigDict:
-    if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(
-            f"output channels {out_channels} must equal the input channels {in_channels} "
-            f"(fixed variance) or twice them (learned variance)"
-        )
-    cfg = ml_collections.ConfigDict()
-    cfg.model = ml_collections.ConfigDict(
-        dict(
-            name="unet",
-            ch=int(ch),
-            ch_mult=tuple(int(m) for m in ch_mult),
-            num_res_blocks=int(num_res_blocks),
-            attn_resolutions=tuple(int(r) for r in attn_resolutions),
-            dropout=float(dropout),
-            resamp_with_conv=bool(resamp_with_conv),
-            num_groups=int(num_groups),
-            norm_eps=float(norm_eps),
-            num_classes=0,
-        )
-    )
-    cfg.data = ml_collections.ConfigDict(
-        dict(image_size=int(image_size), channels=int(in_channels))
-    )
-    if out_channels == 2 * in_channels:
-        cfg.diffusion = ml_collections.ConfigDict(dict(model_var_type="learned_range"))
-    return cfg
+def _imported_config(**unet: Any) -> ml_collections.ConfigDict:
+    """The model/data[/diffusion] sections of an imported U-Net (dropout 0 unless given)."""
+    unet.setdefault("dropout", 0.0)
+    return models.unet_config_sections(models.UNetConfig(**unet))
 
 
 def merge_imported_config(
@@ -173,8 +137,8 @@ def merge_imported_config(
 
 def expected_param_shapes(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Flat name -> shape of every U-Net parameter for an imported config (no allocation)."""
-    kwargs = unet_kwargs(cfg)
-    model = nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
+    unet = models.unet_config(cfg)
+    model = nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(0)))
     flat = flatten_params(nnx.state(model, nnx.Param).to_pure_dict())
     return {k: tuple(v.shape) for k, v in flat.items()}
 
@@ -713,15 +677,14 @@ def load_params_into(model: nnx.Module, params: Params) -> None:
     nnx.update(model, state)
 
 
-def build_imported_model(
-    model_config: ml_collections.ConfigDict, params: Params, *, dtype: str = "float32"
-) -> UNet:
-    """A U-Net for an imported config with `params` loaded (dropout as in the config).
+def build_imported_model(model_config: ml_collections.ConfigDict, params: Params) -> UNet:
+    """A U-Net for an imported config with `params` loaded (dropout and the compute dtype,
+    `model.dtype`, as in the config).
 
     The module is created abstractly (no random initialisation) and then filled.
     """
-    kwargs = {**unet_kwargs(model_config), "dtype": dtype}
-    model = nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
+    unet = models.unet_config(model_config)
+    model = nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(0)))
     load_params_into(model, params)
     return model
 
@@ -740,9 +703,9 @@ def load_config_file(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
 
 
 def train_state_from_params(config: ml_collections.ConfigDict, params: Params) -> Any:
-    """A `train.TrainState` for `config` whose `params` and `ema_params` are `params`, with
+    """A `state.TrainState` for `config` whose `params` and `ema_params` are `params`, with
     the optimiser state initialised for them and step, loss history etc. as
-    `train.init_train_state` makes them.
+    `state.init_train_state` makes them.
 
     `init_train_state` runs under `jax.jit` with its random weights replaced, so the random
     initialisation is dead code that XLA removes (no slow eager init of a large model).
@@ -751,14 +714,14 @@ def train_state_from_params(config: ml_collections.ConfigDict, params: Params) -
     import jax
     import jax.numpy as jnp
 
-    from diffusion_jax import models, train
+    from diffusion_jax import state as state_lib
 
-    model = nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0)))
+    model = state_lib.abstract_model(config)
     load_params_into(model, params)
     imported = jax.tree.map(jnp.asarray, nnx.state(model, nnx.Param))
 
     def build(p):
-        _, _, state, tx = train.init_train_state(config)
+        _, _, state, tx = state_lib.init_train_state(config)
         return state.replace(params=p, ema_params=jax.tree.map(jnp.copy, p), opt_state=tx.init(p))
 
     return jax.jit(build)(imported)
@@ -797,8 +760,24 @@ def write_workdir(
 
 
 def detect_format(source: str | os.PathLike[str]) -> str:
-    """Source format: `diffusers` for a folder holding config.json, else `tf`."""
-    return "diffusers" if os.path.isfile(os.path.join(source, "config.json")) else "tf"
+    """Source format: `diffusers` for a folder holding config.json, `tf` for a TensorFlow
+    checkpoint (a folder with a `checkpoint` file or `*.index`, or a `PREFIX.index` prefix).
+
+    Raises FileNotFoundError naming the formats looked for when there is neither."""
+    source = os.fspath(source)
+    if os.path.isfile(os.path.join(source, "config.json")):
+        return "diffusers"
+    tf_dir = os.path.isdir(source) and any(
+        f == "checkpoint" or f.endswith(".index") for f in os.listdir(source)
+    )
+    if tf_dir or os.path.isfile(source + ".index"):
+        return "tf"
+    what = "does not exist" if not os.path.exists(source) else "holds neither format"
+    raise FileNotFoundError(
+        f"--source {source} {what}; looked for a diffusers folder (config.json with "
+        "diffusion_pytorch_model.safetensors or .bin) and a TensorFlow checkpoint (a folder "
+        "with a 'checkpoint' file, or a PREFIX with PREFIX.index)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -817,6 +796,15 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --out DIR (imported weights) and/or --workdir DIR --config FILE")
     if args.workdir and not args.config:
         p.error("--workdir needs --config (e.g. configs/cifar10.py)")
+    try:
+        _convert(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _convert(args: argparse.Namespace) -> None:
     fmt = detect_format(args.source) if args.format == "auto" else args.format
     if fmt == "diffusers":
         cfg, params = convert_diffusers(args.source)

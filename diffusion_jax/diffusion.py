@@ -12,9 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.schedules import Diffusion
-
-LEARNED_VARIANCE = ("learned", "learned_range")
+from diffusion_jax.schedules import LEARNED_VARIANCE, Diffusion
 
 
 def extract(arr: jax.Array, t: jax.Array, ndim: int) -> jax.Array:

@@ -14,22 +14,101 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+# Explicit settings for `jax.distributed.initialize`, each passed on only where it is given.
+# JAX reads JAX_COORDINATOR_ADDRESS itself; the process count and index have no variable of
+# JAX's own, so these two names are this package's (launch/remote_train.sh sets all three).
+EXPLICIT_VARIABLES = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
+
+# The cluster environments whose detection `jax.distributed.initialize()` runs by itself
+# (jax._src.clusters): Cloud TPU VMs (worker list and index from the VM metadata), TPUs on GKE
+# (TPU_WORKER_HOSTNAMES), Slurm and Open MPI. Left out: Kubernetes pods in general, whose
+# detection queries the Kubernetes API, and mpi4py, which JAX itself only uses when asked.
+JAX_CLUSTERS = ("GceTpuCluster", "GkeTpuCluster", "SlurmCluster", "OmpiCluster")
+
+
+def _int_variable(environ, name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+    if number < 0:
+        raise ValueError(f"{name}={value!r} is negative")
+    return number
+
+
+def _tpu_processes_from_env(environ) -> int:
+    """Processes of a TPU job described by environment variables (GKE sets them; they can be
+    set by hand): hosts per slice (TPU_PROCESS_ADDRESSES, else TPU_WORKER_HOSTNAMES, the
+    order in which JAX reads them) times MEGASCALE_NUM_SLICES; 1 when none is set."""
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES") or ""
+    n_hosts = max(1, len([h for h in hosts.split(",") if h.strip()]))
+    n_slices = _int_variable(environ, "MEGASCALE_NUM_SLICES") or 1
+    if n_hosts > 1:
+        _int_variable(environ, "TPU_WORKER_ID")  # JAX reads this worker's index from it
+    return n_hosts * n_slices
+
+
+def _jax_cluster_processes() -> tuple[str, int] | None:
+    """(name, process count) of the first cluster environment in `JAX_CLUSTERS` that JAX's
+    own detection finds, or None. Outside a cluster these checks read environment variables
+    only (the TPU ones return at once when JAX found no Cloud TPU VM at import)."""
+    try:
+        from jax._src import clusters
+    except ImportError:  # a jax without this private module: rely on the variables alone
+        return None
+    for name in JAX_CLUSTERS:
+        env = getattr(clusters, name, None)
+        if env is None:
+            continue
+        try:
+            if env.is_env_present():
+                return name, int(env.get_process_count())
+        except Exception as e:  # noqa: BLE001 - a detector that fails means no such cluster
+            logging.warning("jax.distributed: %s detection failed (%s); skipping it", name, e)
+    return None
+
+
+def initialize_arguments(environ=None) -> dict | None:
+    """The keyword arguments for `jax.distributed.initialize`, or None for a single process.
+
+    Any of `EXPLICIT_VARIABLES` set: those values (JAX detects the rest). Otherwise, when the
+    environment describes several processes (TPU environment variables, or a cluster that
+    JAX's own detection finds with more than one process: a Cloud TPU pod slice, Slurm, Open
+    MPI), no arguments: JAX detects the cluster itself, as its documentation says to do on
+    Cloud TPU. A single host (a laptop, a one-host TPU VM, Colab) gets None."""
+    environ = os.environ if environ is None else environ
+    kwargs = {}
+    for arg, name in EXPLICIT_VARIABLES.items():
+        if arg == "coordinator_address":
+            value = environ.get(name, "").strip() or None
+        else:
+            value = _int_variable(environ, name)
+        if value is not None:
+            kwargs[arg] = value
+    if kwargs:
+        return kwargs
+    if _tpu_processes_from_env(environ) > 1:
+        return {}
+    found = _jax_cluster_processes()
+    if found is not None and found[1] > 1:
+        logging.info("jax.distributed: %s with %d processes", *found)
+        return {}
+    return None
+
 
 def maybe_initialize_distributed() -> None:
-    """Calls `jax.distributed.initialize()` on multi-host runs (TPU pods, or when the
-    coordinator is given through JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
-    Single-host runs skip it."""
-    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-    on_pod = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-    if not (explicit or on_pod):
+    """Calls `jax.distributed.initialize(**initialize_arguments())` on multi-process runs;
+    single-process runs skip it."""
+    kwargs = initialize_arguments()
+    if kwargs is None:
         return
-    kwargs = {}
-    if explicit:
-        kwargs = dict(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 

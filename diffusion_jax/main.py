@@ -39,13 +39,13 @@ def run(mode: str, config, workdir: str) -> None:
 
         train.train_and_evaluate(config, workdir)
     elif mode == "eval":
-        from diffusion_jax import evaluate
+        from diffusion_jax.evaluation import job
 
-        evaluate.evaluate_checkpoints(config, workdir)
+        job.evaluate_checkpoints(config, workdir)
     else:
-        from diffusion_jax import evaluate
+        from diffusion_jax import sample
 
-        evaluate.sample(config, workdir)
+        sample.sample(config, workdir)
 
 
 def main(argv) -> None:
@@ -53,12 +53,27 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # orbax and clu are chatty at INFO
         logging.set_verbosity(logging.WARNING)
+    from diffusion_jax.checkpoint import CheckpointError  # unreadable / unwritable checkpoints
     from diffusion_jax.input_pipeline import DatasetUnavailableError
-    from diffusion_jax.train import NonFiniteLossError
+    from diffusion_jax.train import NonFiniteLossError  # the training loop's own error
 
     try:
-        run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-    except (DatasetUnavailableError, NonFiniteLossError, ValueError, FileNotFoundError) as e:
+        config = FLAGS.config
+        config.keys()  # a config file that failed to load raises here, on first use
+    except (OSError, SyntaxError, AttributeError, ImportError) as e:
+        path = config_flags.get_config_filename(FLAGS["config"])
+        reason = "no such file" if not os.path.isfile(path) else f"{type(e).__name__}: {e}"
+        print(f"error: cannot load --config {path}: {reason.splitlines()[0]}", file=sys.stderr)
+        sys.exit(1)
+    try:
+        run(FLAGS.mode, config, FLAGS.workdir)
+    except (
+        CheckpointError,
+        DatasetUnavailableError,
+        NonFiniteLossError,
+        ValueError,
+        FileNotFoundError,
+    ) as e:
         print(f"\nerror: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:

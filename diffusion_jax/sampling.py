@@ -4,6 +4,12 @@ Every sampler takes a `denoise_fn(x_t, timesteps) -> model_output`, where `times
 the ORIGINAL training timesteps (a respaced `Diffusion` maps chain positions to them), and a
 PRNG key. Images are NHWC [B, H, W, C]. Nothing here loops over timesteps in Python: the
 chain is traced once, whatever its length.
+
+The chain samplers here are 'ancestral' and 'ddim' (`METHODS`). The training-free ODE
+solvers (DPM-Solver, DPM-Solver++, Karras' Heun) live in `solvers` and take the same
+`DenoiseFn`, fed float32 FRACTIONAL timesteps t N - 1 (`continuous_time.model_timestep`);
+`classifier_free_guidance` works for both. `generation.make_sampler` picks one from
+`config.sampling.method`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import jax.numpy as jnp
 from diffusion_jax.diffusion import extract, p_mean_variance, predict_eps_from_x0, q_sample
 from diffusion_jax.schedules import Diffusion
 
+# (x_t [B, ...], timesteps [B] int32 on the chain, float32 for the ODE solvers) -> output
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 NoiseFn = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 METHODS = ("ancestral", "ddim")

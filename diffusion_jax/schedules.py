@@ -22,6 +22,7 @@ from flax import struct
 SCHEDULES = ("linear", "cosine", "quad", "const", "jsd", "warmup10", "warmup50")
 MODEL_OUTPUTS = ("eps", "x0", "xprev", "v")
 MODEL_VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")
+LEARNED_VARIANCE = ("learned", "learned_range")  # the network also outputs the variance
 
 
 def _check_choice(field: str, value: str, allowed: Sequence[str]) -> None:

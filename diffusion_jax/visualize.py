@@ -29,62 +29,76 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.n
     return grid
 
 
-def save_png(image: np.ndarray, path: str | Path, upscale: int = 1) -> None:
-    """Writes an [H, W, C] uint8 image (C = 1 or 3) as PNG (local or gs:// paths)."""
+def grid_image(images: np.ndarray, ncol: int | None = None) -> np.ndarray:
+    """[N, H, W, C] images in [-1, 1] (or uint8) -> one uint8 grid, enlarged so that small
+    images show (8x8 digits become 16x larger)."""
+    images = np.asarray(images)
+    grid = make_grid(images, ncol)
+    upscale = max(1, 256 // max(images.shape[1], 1) // 2)
+    return grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> None:
+    """Writes an [H, W, C] uint8 image (C = 1, 3 or 4) as PNG (local or gs:// paths)."""
     from etils import epath
     from PIL import Image
 
-    if upscale > 1:
-        image = image.repeat(upscale, axis=0).repeat(upscale, axis=1)
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     with epath.Path(path).open("wb") as f:
         img.save(f, format="PNG")
 
 
-def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None) -> np.ndarray:
-    """Saves [N, H, W, C] images in [-1, 1] as one PNG grid, enlarged so small images show."""
-    grid = make_grid(np.asarray(images), ncol)
-    save_png(grid, path, upscale=max(1, 256 // max(images.shape[1], 1) // 2))
-    return grid
+def _figure_image(fig) -> np.ndarray:
+    """A matplotlib figure -> uint8 [H, W, 3], and the figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
 
 
-def save_scatter(points: np.ndarray, path: str | Path, reference: np.ndarray | None = None) -> None:
-    """Saves 2-D points [N, 2] (and optional reference data in grey) as a PNG scatter plot."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from etils import epath
 
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    return plt
+
+
+def scatter_image(points: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """2-D points [N, 2] (and optional reference data in grey) as a uint8 scatter plot."""
+    fig, ax = _pyplot().subplots(figsize=(4, 4), dpi=100)
     if reference is not None:
         ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.75", label="data")
     ax.scatter(points[:, 0], points[:, 1], s=2, c="C0", label="samples")
     ax.set_aspect("equal")
     ax.legend(loc="upper right", fontsize=7)
-    with epath.Path(path).open("wb") as f:
-        fig.savefig(f, format="png", bbox_inches="tight")
-    plt.close(fig)
+    fig.tight_layout()
+    return _figure_image(fig)
 
 
-def save_rate_distortion(rate: np.ndarray, distortion: np.ndarray, path: str | Path) -> None:
-    """DDPM Fig. 5 as one PNG of three panels, from arrays indexed by timestep i = 0..T-1.
+def picture(samples: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """The picture of a batch of samples: a grid of images [N, H, W, C], or a scatter plot
+    of points [N, D] over `reference` data."""
+    samples = np.asarray(samples)
+    return scatter_image(samples, reference) if samples.ndim == 2 else grid_image(samples)
+
+
+def rate_distortion_image(rate: np.ndarray, distortion: np.ndarray) -> np.ndarray:
+    """DDPM Fig. 5 as one uint8 image of three panels, from arrays indexed by timestep
+    i = 0..T-1.
 
     `rate` [T] (bits/dim received once x_{i+1} is known) and `distortion` [T] (RMSE of
     x0_hat(x_{i+1}) on the 0-255 scale), as `likelihood.rate_distortion` returns them.
     Panels: distortion vs reverse process steps T - 1 - i, rate vs reverse steps, and
     distortion vs rate.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from etils import epath
-
     rate = np.asarray(rate, np.float64)
     distortion = np.asarray(distortion, np.float64)
     steps = rate.shape[0] - 1 - np.arange(rate.shape[0])
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
+    fig, axes = _pyplot().subplots(1, 3, figsize=(12, 3.4), dpi=100)
     panels = (
         (steps, distortion, "Reverse process steps (T - t)", "Distortion (RMSE [0, 255])"),
         (steps, rate, "Reverse process steps (T - t)", "Rate (bits/dim)"),
@@ -96,6 +110,11 @@ def save_rate_distortion(rate: np.ndarray, distortion: np.ndarray, path: str | P
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with epath.Path(path).open("wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    return _figure_image(fig)
+
+
+def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None) -> np.ndarray:
+    """Saves [N, H, W, C] images in [-1, 1] as one PNG grid (`grid_image`); returns it."""
+    grid = grid_image(images, ncol)
+    save_png(grid, path)
+    return grid

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax import benchmark as bench  # noqa: E402 (no jax import at module level)
+from diffusion_jax.benchmark import environment, report, timing  # noqa: E402 (no JAX import)
 from launch.check_unet_vs_diffusers import CIFAR10, DDPM_COMMON, import_diffusers  # noqa: E402
 
 T = 1000
@@ -174,7 +174,7 @@ def bench_train(peer: Peer, args, dtype: str, batch: int, task: str) -> dict[str
     first = time.perf_counter() - start
     iters = args.iters or max(1, math.ceil(1.0 / max(first, 1e-6)))
     seconds, times = timed(peer, step, max(args.warmup - 1, 0), args.repeats, iters)
-    return bench.row(
+    return timing.row(
         task,
         dtype,
         batch,
@@ -198,7 +198,7 @@ def bench_forward(peer: Peer, args, dtype: str) -> dict[str, Any]:
             peer.net(x, t)
 
     seconds, times = timed(peer, run, args.warmup, args.repeats)
-    return bench.row(
+    return timing.row(
         "forward", dtype, args.batch, seconds=seconds, seconds_all=times, images=args.batch
     )
 
@@ -214,7 +214,7 @@ def bench_sample(peer: Peer, args, dtype: str) -> dict[str, Any]:
         note += f", {n} images (not 256)"
     if steps < T or n < 256:
         note += " (reduced; not extrapolated)"
-    return bench.row(
+    return timing.row(
         "sample",
         dtype,
         n,
@@ -231,10 +231,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import diffusers
     import torch
 
-    load_before = bench.host_info()["load_avg"]
+    load_before = environment.host_info()["load_avg"]
     peer = Peer(args)
     results = []
-    log = lambda r: print(bench.format_row(r), flush=True)
+    log = lambda r: print(report.format_row(r), flush=True)
     on_cpu = peer.device.type == "cpu"
     flops = peer.forward_flops()
     print(f"peer forward: {flops and flops / 1e9:.4g} GFLOP/image (torch FLOP counter)")
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "sample" in args.only:
             results.append(bench_sample(peer, args, dtype))
             log(results[-1])
-    host = bench.host_info()
+    host = environment.host_info()
     host["load_avg_before"] = load_before
     kind = torch.cuda.get_device_name(peer.device) if peer.device.type == "cuda" else "cpu"
     return {
@@ -332,20 +332,22 @@ def interleaved(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     import torch
 
     from configs.cifar10 import get_config
+    from diffusion_jax.benchmark.options import Options
+    from diffusion_jax.benchmark.tasks import Benchmark
 
-    load_before = bench.host_info()["load_avg"]
-    opts = bench.Options(batch=args.batch, repeats=args.repeats, init="model")
-    ours = bench.Benchmark(get_config(), opts, log=lambda s: print(s, flush=True))
+    load_before = environment.host_info()["load_avg"]
+    opts = Options(batch=args.batch, repeats=args.repeats, init="model")
+    ours = Benchmark(get_config(), opts, log=lambda s: print(s, flush=True))
     peer = Peer(args)
     peer_rows = []
     for dtype in args.dtypes.split(","):
         times, compiled = _interleave_train(ours, peer, args, dtype)
-        flops = {"ours": bench.compiled_flops(compiled), "peer": None}
-        memory = {"ours": bench.compiled_memory(compiled), "peer": peer.peak_memory()}
+        flops = {"ours": timing.compiled_flops(compiled), "peer": None}
+        memory = {"ours": timing.compiled_memory(compiled), "peer": peer.peak_memory()}
         for name, rows in (("ours", ours.results), ("peer", peer_rows)):
             t = times[name]
             rows.append(
-                bench.row(
+                timing.row(
                     "train",
                     dtype,
                     args.batch,
@@ -360,10 +362,10 @@ def interleaved(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
                     memory=memory[name],
                 )
             )
-            print(f"{name}: {bench.format_row(rows[-1])}", flush=True)
+            print(f"{name}: {report.format_row(rows[-1])}", flush=True)
     ours_result = ours.envelope(load_before)
     ours_result["implementation"] += " (interleaved)"
-    host = bench.host_info()
+    host = environment.host_info()
     host["load_avg_before"] = load_before
     kind = torch.cuda.get_device_name(peer.device) if peer.device.type == "cuda" else "cpu"
     peer_result = {
@@ -404,15 +406,15 @@ def main() -> None:
     if args.interleave:
         ours, peer = interleaved(args)
         if args.ours_out:
-            bench.write_result(ours, args.ours_out)
+            report.write_result(ours, args.ours_out)
         if args.out:
-            bench.write_result(peer, args.out)
-        print(bench.format_comparison(ours, peer), flush=True)
+            report.write_result(peer, args.out)
+        print(report.format_comparison(ours, peer), flush=True)
         return
     result = run(args)
     if args.out:
-        bench.write_result(result, args.out)
-    print(bench.format_table(result), flush=True)
+        report.write_result(result, args.out)
+    print(report.format_table(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -99,9 +99,39 @@ require_project() {
   [[ -n "$PROJECT" ]] || die "no Google Cloud project: set PROJECT=your-project-id, or run 'gcloud config set project your-project-id'."
 }
 
+TPU_ZONES_URL=https://cloud.google.com/tpu/docs/regions-zones
+
+# The zones that offer a TPU accelerator type (TPU_ZONES_URL, as of 2025; the page has the
+# current list), space-separated; empty for a type not listed here. TPU v3 and v2 pod slices
+# are not where their single-host types are: v3-32 and up exist only in europe-west4-a.
+tpu_zones() {
+  case "$1" in
+    v2-8) echo "us-central1-b us-central1-c europe-west4-a asia-east1-c" ;;
+    v2-*) echo "us-central1-a europe-west4-a" ;;
+    v3-8) echo "us-central1-a us-central1-b europe-west4-a" ;;
+    v3-*) echo "europe-west4-a" ;;
+    v4-*) echo "us-central2-b" ;;
+    v5litepod-* | v5e-*) echo "us-central1-a us-south1-a us-west1-c us-west4-a" ;;
+    v5p-*) echo "us-central1-a us-east5-a" ;;
+    v6e-*) echo "us-central1-b us-east1-d us-east5-a us-east5-b europe-west4-a" ;;
+    *) echo "" ;;
+  esac
+}
+
+# Sets ZONE (the environment, else the gcloud default); fails when there is none, naming the
+# zones that offer ACCELERATOR_TYPE. A zone that does not offer it (by `tpu_zones`) gets a
+# warning, not an error (the list may be out of date): gcloud would fail to create the TPU.
 require_zone() {
   ZONE="${ZONE:-$(gcloud_value compute/zone)}"
-  [[ -n "$ZONE" ]] || die "no zone: set ZONE to a zone that offers ${ACCELERATOR_TYPE:-the accelerator} (e.g. ZONE=europe-west4-a or us-central1-a for TPU v3), or run 'gcloud config set compute/zone ZONE'."
+  local type="${ACCELERATOR_TYPE:-}" zones=""
+  [[ -n "$type" ]] && zones="$(tpu_zones "$type")"
+  if [[ -z "$ZONE" ]]; then
+    die "no zone: set ZONE to a zone that offers ${type:-the accelerator}${zones:+: ${zones// /, }} (zones by TPU type: $TPU_ZONES_URL), or run 'gcloud config set compute/zone ZONE'."
+  fi
+  if [[ -n "$zones" && " $zones " != *" $ZONE "* ]]; then
+    note "warning: ZONE=$ZONE is not among the zones that offer $type (${zones// /, }; see $TPU_ZONES_URL): creating it there will fail."
+  fi
+  return 0
 }
 
 # BUCKET may be given as NAME or gs://NAME; afterwards it is the bare name.

@@ -9,11 +9,15 @@
 #
 # Settings (environment variables):
 #   PROJECT           Google Cloud project (default: gcloud config get-value project)
-#   ZONE              zone offering the accelerator (default: gcloud config get-value compute/zone)
+#   ZONE              zone offering the accelerator (default: gcloud config get-value compute/zone);
+#                     v3-8: us-central1-a/b or europe-west4-a; v3 pod slices (v3-32 and up):
+#                     europe-west4-a only (https://cloud.google.com/tpu/docs/regions-zones)
 #   BUCKET            GCS bucket for checkpoints and logs, NAME or gs://NAME (needed by train)
 #   ACCELERATOR_TYPE  v3-8 (one host, 8 cores); launch/tpu_pod.sh sets v3-32 (4 hosts)
 #   TPU_NAME          default: diffusion-jax-ACCELERATOR_TYPE
 #   RUNTIME_VERSION   TPU VM image, default tpu-ubuntu2204-base
+#   PYTHON_VERSION    CPython of the workers' virtual environment, default 3.12 (installed by
+#                     uv; the image's Python is 3.10, launch/remote_setup.sh)
 #   CONFIG            config file in the repository, default configs/cifar10.py
 #   RUN               run name, default: the config's name (cifar10)
 #   WORKDIR           default gs://BUCKET/RUN; must be on GCS (shared by all workers, survives
@@ -41,6 +45,8 @@ done
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v3-8}"
 TPU_NAME="${TPU_NAME:-diffusion-jax-$ACCELERATOR_TYPE}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
+[[ "$PYTHON_VERSION" =~ ^3\.[0-9]+(\.[0-9]+)?$ ]] || die "PYTHON_VERSION=$PYTHON_VERSION is not a CPython version such as 3.12 or 3.12.11."
 CONFIG="${CONFIG:-configs/cifar10.py}"
 RUN="${RUN:-$(basename "$CONFIG" .py)}"
 REPO_URL="${REPO_URL:-}"
@@ -71,7 +77,8 @@ TPU=(compute tpus tpu-vm)
 WHERE=(--project="$PROJECT" --zone="$ZONE")
 
 note "Plan: ${STEPS[*]} on TPU VM '$TPU_NAME' ($ACCELERATOR_TYPE)$([[ "$DRY_RUN" == 1 ]] && echo ' [dry run: commands are only printed]')"
-show_settings PROJECT ZONE TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION CONFIG WORKDIR REPO_URL
+show_settings PROJECT ZONE TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION PYTHON_VERSION CONFIG WORKDIR \
+  REPO_URL
 note ""
 
 step_create() {
@@ -86,12 +93,12 @@ step_create() {
 step_install() {
   local fetch
   if [[ -n "$REPO_URL" ]]; then
-    note "# Clone $REPO_URL on every worker, then install it with the TPU extra."
+    note "# Clone $REPO_URL on every worker, then install it with the TPU extra (Python $PYTHON_VERSION)."
     local clone=(git clone --depth 1)
     [[ -n "$REPO_REF" ]] && clone+=(--branch "$REPO_REF")
     fetch="(command -v git >/dev/null || (sudo apt-get update -qq && sudo apt-get install -y -qq git)) && rm -rf $REMOTE_REPO && $(quote_cmd "${clone[@]}" "$REPO_URL") $REMOTE_REPO"
   else
-    note "# Copy this checkout to every worker, then install it with the TPU extra."
+    note "# Copy this checkout to every worker, then install it with the TPU extra (Python $PYTHON_VERSION)."
     local tarball
     tarball="${TMPDIR:-/tmp}/diffusion_jax_checkout.tar.gz"
     run tar -C "$REPO_ROOT" --exclude=.git --exclude=__pycache__ --exclude=.venv -czf "$tarball" .
@@ -100,7 +107,7 @@ step_install() {
     fetch="rm -rf $REMOTE_REPO && mkdir -p $REMOTE_REPO && tar -xzf ~/diffusion_jax_checkout.tar.gz -C $REMOTE_REPO"
   fi
   run gcloud "${TPU[@]}" ssh "$TPU_NAME" "${WHERE[@]}" --worker=all \
-    --command="set -e; $fetch && bash $REMOTE_REPO/launch/remote_setup.sh"
+    --command="set -e; $fetch && PYTHON_VERSION=$PYTHON_VERSION bash $REMOTE_REPO/launch/remote_setup.sh"
 }
 
 step_train() {

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -10,7 +12,8 @@ import pytest
 from configs.cifar10 import get_config
 from diffusion_jax import benchmark as bench
 from diffusion_jax import distributed
-from diffusion_jax.train import init_train_state
+from diffusion_jax import state as state_lib
+from diffusion_jax.benchmark import tasks
 
 
 def _tiny_config():
@@ -38,6 +41,36 @@ def test_peak_table():
     assert not bench.is_oom(ValueError("incompatible shapes"))
 
 
+def test_reports_import_without_jax():
+    """launch/benchmark_peer.py (PyTorch) uses the package, its options, timing and report."""
+    modules = [
+        "diffusion_jax.benchmark." + m for m in ("options", "environment", "timing", "report")
+    ]
+    code = (
+        f"import sys, {', '.join(modules)}; "
+        "assert 'jax' not in sys.modules and 'tensorflow' not in sys.modules, 'imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_options_are_the_flags():
+    """Every `Options` field is a flag of the same name and default, parsed back into it."""
+    from absl import flags
+
+    from diffusion_jax.benchmark import options
+
+    values = flags.FlagValues()
+    options.define_flags(values)
+    values(["prog"])
+    assert options.from_flags(values) == bench.Options()
+    values(["prog", "--only=train,bpd", "--batch=32", "--init=host", "--noforward_flops"])
+    assert options.from_flags(values) == bench.Options(
+        only=("train", "bpd"), batch=32, init="host", forward_flops=False
+    )
+    with pytest.raises(flags.IllegalFlagValueError):
+        values["init"].parse("device")
+
+
 def test_harness_on_a_tiny_unet(tmp_path):
     opts = bench.Options(
         only=("train", "sample", "bpd"),
@@ -56,7 +89,7 @@ def test_harness_on_a_tiny_unet(tmp_path):
         profile=str(tmp_path / "trace"),
     )
     lines = []
-    result = bench.run_benchmark(_tiny_config(), opts, log=lines.append)
+    result = tasks.run_benchmark(_tiny_config(), opts, log=lines.append)
     path = tmp_path / "ours.json"
     bench.write_result(result, path)
     result = json.loads(path.read_text())
@@ -87,7 +120,7 @@ def test_harness_on_a_tiny_unet(tmp_path):
 
     # XLA's memory analysis against the byte count of what the step takes and gives back:
     # the whole train state plus the batch in, the state (donated: aliased) plus metrics out.
-    state = jax.eval_shape(lambda: init_train_state(_tiny_config())[2])
+    state = jax.eval_shape(lambda: state_lib.init_train_state(_tiny_config())[2])
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     batch_bytes = 8 * 8 * 8 * 3 * 4  # float32 images [1, 8, 8, 8, 3]; jit drops the unused labels
     memory = train["memory"]
@@ -156,7 +189,7 @@ def test_input_task_measures_the_pipeline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(input_pipeline, "create_train_iterator", slow_iterator)
     opts = bench.Options(only=("input",), batch=16, repeats=3, iters=5, num_devices=1)
-    result = bench.run_benchmark(digits_config(), opts, log=lambda s: None)
+    result = tasks.run_benchmark(digits_config(), opts, log=lambda s: None)
     (row,) = result["results"]
     assert row["task"] == "input" and row["batch"] == 16 and row["iters"] == 5
     assert 0.5 * 16 / delay < row["images_per_s"] <= 16 / delay
@@ -165,7 +198,7 @@ def test_input_task_measures_the_pipeline(tmp_path, monkeypatch):
     config = get_config()
     config.data.data_dir = str(tmp_path)
     lines = []
-    result = bench.run_benchmark(config, opts, log=lines.append)
+    result = tasks.run_benchmark(config, opts, log=lines.append)
     assert result["results"] == []
     assert "--prepare cifar10" in result["checks"]["input_unavailable"]
     assert any(line.startswith("input: skipped") for line in lines)
@@ -174,7 +207,7 @@ def test_input_task_measures_the_pipeline(tmp_path, monkeypatch):
 def test_checkpoint_task_saves_the_whole_train_state(tmp_path, monkeypatch):
     import jax
 
-    from diffusion_jax import checkpoint, train
+    from diffusion_jax import checkpoint
 
     saved = []
     save = checkpoint.save
@@ -188,9 +221,9 @@ def test_checkpoint_task_saves_the_whole_train_state(tmp_path, monkeypatch):
     opts = bench.Options(
         only=("checkpoint",), warmup=0, repeats=2, init="host", checkpoint_dir=str(tmp_path)
     )
-    result = bench.run_benchmark(config, opts, log=lambda s: None)
+    result = tasks.run_benchmark(config, opts, log=lambda s: None)
     (row,) = result["results"]
-    _, _, state, _ = train.init_train_state(config)
+    _, _, state, _ = state_lib.init_train_state(config)
     assert len(saved) == 2
     assert jax.tree.structure(saved[0]) == jax.tree.structure(state)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -209,6 +242,6 @@ def test_inception_task_on_grey_data():
     opts = bench.Options(
         only=("inception",), inception_batch=8, inception_size=75, repeats=1, num_devices=1
     )
-    (row,) = bench.run_benchmark(digits_config(), opts, log=lambda s: None)["results"]
+    (row,) = tasks.run_benchmark(digits_config(), opts, log=lambda s: None)["results"]
     assert row["task"] == "inception" and row["batch"] == 8 and row["images_per_s"] > 0
     assert row["flops"] > 0 and row["memory"]["temp_bytes"] > 0

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from test_convert import DIFFUSERS_CONFIG, diffusers_shapes, random_state_dict, write_diffusers
 
-from diffusion_jax import checkpoint, convert, distributed, evaluate
+from diffusion_jax import checkpoint, convert, distributed
+from diffusion_jax import state as state_lib
 
 CIFAR10_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10.py")
 
@@ -34,10 +35,10 @@ def test_workdir_holds_config_and_a_full_train_state_of_the_imported_weights(con
     assert saved.model.ch == 8 and list(saved.model.ch_mult) == [1, 2]
     assert saved.model.num_groups == 4 and saved.training.learning_rate == 2e-4  # cifar10's
     checkpoint.check_compatible(workdir, config)
-    assert evaluate.checkpoint_steps(workdir) == [0]
+    assert checkpoint.checkpoint_steps(workdir) == [0]
 
-    _, _, abstract = evaluate.abstract_train_state(config, distributed.make_mesh())
-    state = evaluate.restore_state(workdir, 0, abstract)
+    _, _, abstract = state_lib.abstract_train_state(config, distributed.make_mesh())
+    state = checkpoint.restore_step(workdir, 0, abstract)
     want = convert.flatten_params(params)
     for tree in (state.params, state.ema_params):
         got = convert.flatten_params(jax.device_get(tree.to_pure_dict()))
@@ -50,10 +51,27 @@ def test_workdir_holds_config_and_a_full_train_state_of_the_imported_weights(con
 
 def test_existing_checkpoints_are_not_overwritten_and_cli_needs_a_config(converted, capsys):
     source, workdir, _, _ = converted
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(SystemExit) as exit_info:
         convert.main(
             ["--source", str(source), "--workdir", str(workdir), "--config", CIFAR10_CONFIG]
         )
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "already holds checkpoints" in err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
     with pytest.raises(SystemExit):
         convert.main(["--source", str(source), "--workdir", str(workdir)])
     assert "--workdir needs --config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_a_source_that_is_no_checkpoint_ends_in_one_line(tmp_path, capsys, kind):
+    source = tmp_path / "nope"
+    if kind == "empty":
+        source.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(["--source", str(source), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+    assert ("does not exist" if kind == "missing" else "holds neither format") in err
+    assert "diffusers" in err and "TensorFlow" in err
+    assert not (tmp_path / "out").exists()

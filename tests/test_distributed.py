@@ -1,5 +1,6 @@
 """diffusion_jax.distributed: the XLA compiler options every jitted model program gets."""
 
+import inspect
 import types
 
 import jax
@@ -10,7 +11,9 @@ from flax import nnx
 from jax import lax
 
 from configs.cifar10 import get_config
-from diffusion_jax import distributed, evaluate, generation, schedules, train
+from diffusion_jax import distributed, generation, schedules, train
+from diffusion_jax import state as state_lib
+from diffusion_jax.evaluation import bpd
 from diffusion_jax.metrics import inception
 
 
@@ -71,13 +74,13 @@ def _tiny_unet_config():
 
 def _compile_train(mesh):
     config = _tiny_unet_config()
-    graphdef, _, rest = nnx.split(train.abstract_model(config), nnx.Param, ...)
-    state = jax.eval_shape(lambda: train.init_train_state(config)[2])
+    graphdef, _, rest = nnx.split(state_lib.abstract_model(config), nnx.Param, ...)
+    state = jax.eval_shape(lambda: state_lib.init_train_state(config)[2])
     fn = train.compile_train_fn(
         config,
         generation.model_apply(graphdef, rest),
         schedules.diffusion_from_config(config.diffusion),
-        train.make_optimizer(config.training),
+        state_lib.make_optimizer(config.training),
         mesh,
     )
     batch = {
@@ -89,15 +92,15 @@ def _compile_train(mesh):
 
 def _compile_sampler_and_bpd(mesh):
     config = _tiny_unet_config()
-    graphdef, _, rest = nnx.split(train.abstract_model(config), nnx.Param, ...)
+    graphdef, _, rest = nnx.split(state_lib.abstract_model(config), nnx.Param, ...)
     apply = generation.model_apply(graphdef, rest)
-    params = jax.eval_shape(lambda: train.init_train_state(config)[2]).params
+    params = jax.eval_shape(lambda: state_lib.init_train_state(config)[2]).params
     labels = jax.ShapeDtypeStruct((8,), jnp.int32)
     key = jax.random.PRNGKey(0)
     generation.make_sampler(config, apply, mesh, 8, "2").lower(params, key, labels).compile()
     images = jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.uint8)
     mask = jax.ShapeDtypeStruct((8,), jnp.float32)
-    bpd_fn = evaluate.make_bpd_fn(config, apply, mesh)
+    bpd_fn = bpd.make_bpd_fn(config, apply, mesh)
     bpd_fn.lower(params, images, labels, mask, key).compile()
 
 
@@ -124,3 +127,147 @@ def test_model_programs_compile_with_the_options(compile_programs, modules, tmp_
     compile_programs(distributed.make_mesh(jax.devices()[:1]))
     dumped = [p.name.split(".")[1] for p in tmp_path.glob("*after_optimizations.txt")]
     assert sorted(dumped) == modules
+
+
+# ---------------------------------------------------------------------------------------------
+# maybe_initialize_distributed: which environments call jax.distributed.initialize, and with
+# what. The call is recorded, never made.
+
+# Every variable it (or the JAX cluster detection it consults) reads.
+DISTRIBUTED_VARIABLES = (
+    "JAX_COORDINATOR_ADDRESS JAX_NUM_PROCESSES JAX_PROCESS_ID TPU_PROCESS_ADDRESSES "
+    "TPU_WORKER_HOSTNAMES TPU_WORKER_ID MEGASCALE_NUM_SLICES MEGASCALE_SLICE_ID "
+    "MEGASCALE_COORDINATOR_ADDRESS SLURM_JOB_ID SLURM_STEP_NODELIST SLURM_NTASKS SLURM_PROCID "
+    "SLURM_LOCALID OMPI_MCA_orte_hnp_uri OMPI_COMM_WORLD_SIZE OMPI_COMM_WORLD_RANK "
+    "OMPI_COMM_WORLD_LOCAL_RANK KUBERNETES_SERVICE_HOST"
+).split()
+
+
+@pytest.fixture
+def initialize_calls(monkeypatch):
+    """A clean environment, and the keyword arguments of each jax.distributed.initialize call."""
+    for name in DISTRIBUTED_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    return calls
+
+
+def test_initialize_takes_the_arguments_passed():
+    params = inspect.signature(jax.distributed.initialize).parameters
+    assert set(distributed.EXPLICIT_VARIABLES) <= set(params)
+
+
+def test_single_host_does_not_initialize(initialize_calls):
+    distributed.maybe_initialize_distributed()
+    assert initialize_calls == []
+    assert distributed.initialize_arguments() is None
+
+
+@pytest.mark.parametrize(
+    "variables, expected",
+    [
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476"}, {"coordinator_address": "10.0.0.1:8476"}),
+        (
+            {
+                "JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476",
+                "JAX_NUM_PROCESSES": "4",
+                "JAX_PROCESS_ID": "3",
+            },
+            {"coordinator_address": "10.0.0.1:8476", "num_processes": 4, "process_id": 3},
+        ),
+        # Without a coordinator JAX's cluster detection supplies it.
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, {"num_processes": 2, "process_id": 0}),
+        # Explicit values win over a TPU environment.
+        (
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "TPU_WORKER_HOSTNAMES": "a,b"},
+            {"coordinator_address": "h:1"},
+        ),
+    ],
+    ids=["coordinator-only", "all-three", "count-and-index", "explicit-over-tpu"],
+)
+def test_explicit_values_are_passed_where_given(variables, expected, initialize_calls, monkeypatch):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    distributed.maybe_initialize_distributed()
+    assert initialize_calls == [expected]
+
+
+@pytest.mark.parametrize(
+    "variables, several",
+    [
+        ({"TPU_WORKER_HOSTNAMES": "t-0,t-1,t-2,t-3", "TPU_WORKER_ID": "2"}, True),
+        ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8471,10.0.0.2:8471", "TPU_WORKER_ID": "0"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "t-0", "MEGASCALE_NUM_SLICES": "2"}, True),  # multislice
+        ({"TPU_WORKER_HOSTNAMES": "t-0", "TPU_WORKER_ID": "0"}, False),  # one host
+        ({"TPU_WORKER_HOSTNAMES": "t-0,", "MEGASCALE_NUM_SLICES": "1"}, False),
+    ],
+    ids=["gke-pod", "process-addresses", "multislice", "gke-one-host", "one-host-one-slice"],
+)
+def test_tpu_pod_environment_lets_jax_detect(variables, several, initialize_calls, monkeypatch):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    distributed.maybe_initialize_distributed()
+    assert initialize_calls == ([{}] if several else [])
+
+
+def _fake_cluster(monkeypatch, name, present=True, count=4, error=None):
+    from jax._src import clusters
+
+    def is_env_present(cls):
+        if error is not None:
+            raise error
+        return present
+
+    env = getattr(clusters, name)
+    monkeypatch.setattr(env, "is_env_present", classmethod(is_env_present))
+    monkeypatch.setattr(env, "get_process_count", classmethod(lambda cls: count))
+
+
+@pytest.mark.parametrize("count, several", [(4, True), (1, False)])
+def test_cloud_tpu_vm_pod_slice_from_metadata(count, several, initialize_calls, monkeypatch):
+    """A Compute Engine TPU VM sets no variables: JAX's own detection reads the worker list
+    from the VM metadata (here a stand-in for it). A pod slice initializes, one host not."""
+    _fake_cluster(monkeypatch, "GceTpuCluster", count=count)
+    distributed.maybe_initialize_distributed()
+    assert initialize_calls == ([{}] if several else [])
+
+
+def test_failing_cluster_detection_is_skipped(initialize_calls, monkeypatch, caplog):
+    _fake_cluster(monkeypatch, "GceTpuCluster", error=RuntimeError("metadata server down"))
+    distributed.maybe_initialize_distributed()
+    assert initialize_calls == []
+    assert "GceTpuCluster detection failed (metadata server down)" in caplog.text
+
+
+@pytest.mark.parametrize("ntasks, several", [("2", True), ("1", False)])
+def test_slurm_job_through_jax_detection(ntasks, several, initialize_calls, monkeypatch):
+    """JAX's real Slurm detection (environment only) decides."""
+    for name, value in dict(
+        SLURM_JOB_ID="77",
+        SLURM_STEP_NODELIST="node[1-2]",
+        SLURM_NTASKS=ntasks,
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+    ).items():
+        monkeypatch.setenv(name, value)
+    distributed.maybe_initialize_distributed()
+    assert initialize_calls == ([{}] if several else [])
+
+
+@pytest.mark.parametrize(
+    "variables, name",
+    [
+        ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "four"}, "JAX_NUM_PROCESSES"),
+        ({"JAX_PROCESS_ID": "1.5"}, "JAX_PROCESS_ID"),
+        ({"JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID"),
+        ({"TPU_WORKER_HOSTNAMES": "a,b", "TPU_WORKER_ID": "one"}, "TPU_WORKER_ID"),
+        ({"TPU_WORKER_HOSTNAMES": "a", "MEGASCALE_NUM_SLICES": "two"}, "MEGASCALE_NUM_SLICES"),
+    ],
+)
+def test_bad_values_name_the_variable(variables, name, initialize_calls, monkeypatch):
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=f"^{name}="):
+        distributed.maybe_initialize_distributed()
+    assert initialize_calls == []

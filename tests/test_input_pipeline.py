@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 
 from configs.base import get_base_config
 from diffusion_jax import input_pipeline as ip
+from diffusion_jax.input_pipeline import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -388,7 +389,7 @@ def test_prepare_cli_writes_readable_tfrecords(tmp_path):
     for i, x in enumerate(random_images(3, 30, 40, seed=2)):
         Image.fromarray(x).save(source / f"{i}.jpg")
     out = tmp_path / "out"
-    rc = ip.main(
+    rc = prepare.main(
         [
             "--prepare",
             "lsun_church",
@@ -422,10 +423,21 @@ def test_lsun_missing_files_raises(tmp_path):
 
 def test_module_imports_without_tensorflow():
     code = (
-        "import sys, diffusion_jax.input_pipeline; "
+        "import sys, diffusion_jax.input_pipeline, diffusion_jax.input_pipeline.__main__; "
         "assert 'tensorflow' not in sys.modules and 'tensorflow_datasets' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_prepare_command_line_names_what_needs_no_preparation():
+    out = subprocess.run(
+        [sys.executable, "-m", "diffusion_jax.input_pipeline", "--prepare", "digits"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "digits is built in and needs no preparation." in out
 
 
 def test_unknown_dataset_name():

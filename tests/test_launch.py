@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,9 @@ exit 0
 
 # Settings the scripts read; removed from the environment of every test run.
 SETTINGS = (
-    "PROJECT ZONE BUCKET TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION CONFIG RUN WORKDIR REPO_URL "
-    "REPO_REF SPOT SERVICE_ACCOUNT SOURCE PYTHON LOCK_FILE DRY_RUN REPO VENV LOG PIDFILE"
+    "PROJECT ZONE BUCKET TPU_NAME ACCELERATOR_TYPE RUNTIME_VERSION PYTHON_VERSION CONFIG RUN "
+    "WORKDIR REPO_URL REPO_REF SPOT SERVICE_ACCOUNT SOURCE PYTHON LOCK_FILE DRY_RUN REPO VENV LOG "
+    "PIDFILE JAX_COORDINATOR_PORT"
 ).split()
 
 
@@ -213,6 +215,9 @@ def test_tpu_vm_dry_run(env, tmp_path):
     assert scp.startswith("gcloud compute tpus tpu-vm scp ") and "--worker=all" in scp
     assert install.startswith("gcloud compute tpus tpu-vm ssh diffusion-jax-v3-8 ")
     assert "--worker=all" in install and "launch/remote_setup.sh" in install
+    assert "PYTHON_VERSION=3.12 bash ~/diffusion_jax/launch/remote_setup.sh" in install
+    assert "\n  PYTHON_VERSION     3.12\n" in out  # the plan shows the workers' Python
+    assert "warning:" not in out  # europe-west4-a offers v3-8
     assert train.startswith("gcloud compute tpus tpu-vm ssh diffusion-jax-v3-8 ")
     assert "--worker=all" in train
     assert (
@@ -226,7 +231,7 @@ def test_tpu_vm_dry_run(env, tmp_path):
 
 
 def test_tpu_pod_dry_run_uses_gcloud_defaults_and_clones(env):
-    env = {**env, "FAKE_PROJECT": "default-project", "FAKE_ZONE": "us-central1-a"}
+    env = {**env, "FAKE_PROJECT": "default-project", "FAKE_ZONE": "europe-west4-a"}
     result = run(
         "tpu_pod.sh",
         "--dry-run",
@@ -240,10 +245,81 @@ def test_tpu_pod_dry_run_uses_gcloud_defaults_and_clones(env):
     create, install, train = commands(result.stdout)
     assert "tpu-vm create diffusion-jax-v3-32 " in create
     assert "--accelerator-type=v3-32" in create
-    assert "--project=default-project --zone=us-central1-a" in create
+    assert "--project=default-project --zone=europe-west4-a" in create
+    assert "warning:" not in result.stdout
     assert "git clone --depth 1 --branch main https://github.com/OWNER/diffusion_jax" in install
     assert "--worker=all" in install and "--worker=all" in train
     assert "gs://my-bucket/pod-run" in train
+
+
+def test_tpu_vm_python_version_setting(env):
+    """PYTHON_VERSION reaches remote_setup.sh on the workers, and the plan shows it."""
+    result = run("tpu_vm.sh", "--dry-run", "install", env=env, **GOOD, PYTHON_VERSION="3.13")
+    assert result.returncode == 0, result.stderr
+    assert "\n  PYTHON_VERSION     3.13\n" in result.stdout
+    *_, install = commands(result.stdout)
+    assert "PYTHON_VERSION=3.13 bash ~/diffusion_jax/launch/remote_setup.sh" in install
+    result = run("tpu_vm.sh", "--dry-run", env=env, **GOOD, PYTHON_VERSION="python3.11")
+    assert result.returncode != 0
+    assert "PYTHON_VERSION=python3.11 is not a CPython version" in result.stderr
+
+
+# Zones by accelerator type: TPU v3 pod slices (v3-32 and up) exist only in europe-west4-a; a
+# v3-8 is also offered in us-central1.
+@pytest.mark.parametrize(
+    "script, accelerator, offered, not_offered",
+    [
+        ("tpu_pod.sh", None, ["europe-west4-a"], ["us-central1"]),
+        ("tpu_vm.sh", "v3-128", ["europe-west4-a"], ["us-central1"]),
+        ("tpu_vm.sh", None, ["us-central1-a", "us-central1-b", "europe-west4-a"], []),
+        ("tpu_vm.sh", "v4-32", ["us-central2-b"], ["europe-west4"]),
+    ],
+)
+def test_missing_zone_names_the_zones_of_the_accelerator(
+    script, accelerator, offered, not_offered, env
+):
+    settings = {k: v for k, v in GOOD.items() if k != "ZONE"}
+    if accelerator:
+        settings["ACCELERATOR_TYPE"] = accelerator
+    result = run(script, "--dry-run", env=env, **settings)
+    assert result.returncode != 0
+    (message,) = result.stderr.splitlines()
+    assert message.startswith("error: no zone: set ZONE to a zone that offers ")
+    for zone in offered:
+        assert zone in message
+    for zone in not_offered:
+        assert zone not in message
+    assert "https://cloud.google.com/tpu/docs/regions-zones" in message
+
+
+@pytest.mark.parametrize(
+    "script, zone, warned",
+    [
+        ("tpu_pod.sh", "us-central1-a", True),  # v3-32: Europe only
+        ("tpu_pod.sh", "europe-west4-a", False),
+        ("tpu_vm.sh", "us-central1-a", False),  # v3-8
+        ("tpu_vm.sh", "us-central1-b", False),
+        ("tpu_vm.sh", "asia-east1-c", True),
+    ],
+)
+def test_dry_run_warns_of_a_zone_without_the_accelerator(script, zone, warned, env):
+    result = run(script, "--dry-run", "create", env=env, **{**GOOD, "ZONE": zone})
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    if warned:
+        (warning,) = warnings
+        assert f"ZONE={zone} is not among the zones that offer v3-" in warning
+        assert "europe-west4-a" in warning
+    else:
+        assert warnings == []
+    (create,) = commands(result.stdout)  # a warning only: the plan still runs
+    assert f"--zone={zone}" in create
+
+
+def test_unlisted_accelerator_gets_no_zone_warning(env):
+    result = run("tpu_vm.sh", "--dry-run", "create", env=env, **GOOD, ACCELERATOR_TYPE="v9-8")
+    assert result.returncode == 0, result.stderr
+    assert "warning:" not in result.stdout
 
 
 def test_tpu_vm_single_steps(env):
@@ -308,6 +384,101 @@ def test_reproduce_dry_run(env, tmp_path):
     assert result.returncode == 0, result.stderr
     (evaluate,) = commands(result.stdout)
     assert EVAL_COMMAND in evaluate and "skipping the conversion" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# remote_setup.sh: a uv-managed CPython (Ubuntu 22.04 has no python3.12; its python3.11 is a
+# release candidate), its version a setting.
+
+FAKE_VENV_PYTHON = """#!/bin/sh
+echo {version}
+"""
+
+
+def _remote_setup(env, tmp_path, *args, venv_python=None, **settings):
+    venv = tmp_path / "venv"
+    if venv_python:
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "python").write_text(FAKE_VENV_PYTHON.format(version=venv_python))
+        (venv / "bin" / "python").chmod(0o755)
+    return run(
+        "remote_setup.sh", "--dry-run", *args, env=env, REPO=str(ROOT), VENV=str(venv), **settings
+    )
+
+
+@pytest.mark.parametrize("version", [None, "3.13", "3.12.11"])
+def test_remote_setup_dry_run(env, tmp_path, version):
+    settings = {"PYTHON_VERSION": version} if version else {}
+    result = _remote_setup(env, tmp_path, **settings)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    expected = version or "3.12"
+    assert out.startswith(f"Plan: install {ROOT} with its TPU extra into {tmp_path / 'venv'}")
+    assert f"(CPython {expected} from uv)" in out and "dry run" in out
+    assert f"\n  PYTHON_VERSION     {expected}\n" in out
+    cmds = commands(out)
+    assert "python3 -m pip install --user -q --upgrade uv" in cmds
+    (venv,) = [c for c in cmds if " venv " in c]
+    assert venv == (
+        f"python3 -m uv venv --clear --seed --python {expected} --managed-python "
+        f"{tmp_path / 'venv'}"
+    )
+    (install,) = [c for c in cmds if " pip install --python " in c]
+    assert install.endswith(f"-e '{ROOT}[tpu]'")
+    assert f"--python {tmp_path / 'venv'}/bin/python" in install
+    # Never the system's Python packages: no apt python3.11 (3.11.0~rc1 on 22.04), no venv module.
+    assert not any("python3.11" in c or "-m venv" in c for c in cmds), cmds
+    assert not (tmp_path / "venv").exists()  # a dry run
+
+
+def test_remote_setup_keeps_a_venv_with_the_right_python(env, tmp_path):
+    result = _remote_setup(env, tmp_path, venv_python="3.12.11")
+    assert result.returncode == 0, result.stderr
+    assert "has Python 3.12.11; keeping it" in result.stdout
+    assert not any(" venv " in c for c in commands(result.stdout))
+    assert any(" pip install --python " in c for c in commands(result.stdout))
+
+
+def test_remote_setup_remakes_a_venv_with_another_python(env, tmp_path):
+    result = _remote_setup(env, tmp_path, venv_python="3.11.0rc1")
+    assert result.returncode == 0, result.stderr
+    assert "has Python 3.11.0rc1, not 3.12: making it anew" in result.stdout
+    (venv,) = [c for c in commands(result.stdout) if " venv " in c]
+    assert "--clear" in venv and "--python 3.12 " in venv
+
+
+def test_remote_setup_rejects_bad_settings(env, tmp_path):
+    result = _remote_setup(env, tmp_path, PYTHON_VERSION="python3.12")
+    assert result.returncode != 0
+    assert "PYTHON_VERSION=python3.12 is not a CPython version" in result.stderr
+    result = run("remote_setup.sh", "--dry-run", env=env, REPO=str(tmp_path / "none"))
+    assert result.returncode != 0 and "no checkout at" in result.stderr
+    result = _remote_setup(env, tmp_path, "extra")
+    assert result.returncode != 0 and "takes no arguments" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# pyproject.toml: the tpu extra pins a tested range of jax.
+
+
+def test_tpu_extra_pins_a_tested_jax_range():
+    version = pytest.importorskip("packaging.version")
+    requirements = pytest.importorskip("packaging.requirements")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (tpu,) = pyproject["project"]["optional-dependencies"]["tpu"]
+    req = requirements.Requirement(tpu)
+    assert req.name == "jax" and req.extras == {"tpu"}
+    uppers = [s for s in req.specifier if s.operator in ("<", "<=", "~=", "==")]
+    lowers = [s for s in req.specifier if s.operator in (">", ">=", "~=", "==")]
+    assert uppers, f"{tpu!r} has no upper bound"
+    # jax[tpu] < 0.5.1 also needs libtpu-nightly, which is not on PyPI (-f libtpu_releases.html).
+    assert lowers and not req.specifier.contains("0.5.0"), f"{tpu!r}: lower bound below 0.5.1"
+    import jax
+
+    assert req.specifier.contains(version.Version(jax.__version__).base_version), (
+        f"the tests run on jax {jax.__version__}, outside the tpu extra's {tpu!r}: "
+        "move the pin (README, Cloud TPU) once the tests pass with it"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

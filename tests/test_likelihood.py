@@ -25,17 +25,28 @@ def test_total_is_prior_plus_every_term_from_an_independent_loop():
     d = S.make_diffusion(S.get_beta_schedule("linear", 20), "eps", "fixed_large")
     x0, key = data(), jax.random.PRNGKey(1)
     out = jax.jit(lambda k: LK.calc_bpd_loop(d, toy_denoiser, x0, k))(key)
-    terms = []
+    terms, x0_mse, eps_mse = [], [], []
     for i in range(20):  # a plain Python loop over t as the oracle
         t = jnp.full((8,), i, jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape)
         x_t = D.q_sample(d, x0, t, noise)
-        terms.append(L.vb_terms_bpd(d, toy_denoiser(x_t, t), x0, x_t, t, True)[0])
+        vb, _ = L.vb_terms_bpd(d, toy_denoiser(x_t, t), x0, x_t, t, True)
+        terms.append(vb)
+        # x0_hat from eps, clipped to [-1, 1] (clip_denoised), in float64
+        ab = np.asarray(d.alphas_cumprod, np.float64)[i]
+        eps_hat = np.asarray(toy_denoiser(x_t, t), np.float64)
+        x0_hat = np.clip(
+            (np.asarray(x_t, np.float64) - np.sqrt(1 - ab) * eps_hat) / np.sqrt(ab), -1, 1
+        )
+        x0_mse.append(np.mean((x0_hat - np.asarray(x0)) ** 2, axis=(1, 2, 3)))
+        eps_from_x0 = (np.asarray(x_t, np.float64) - np.sqrt(ab) * x0_hat) / np.sqrt(1 - ab)
+        eps_mse.append(np.mean((eps_from_x0 - np.asarray(noise)) ** 2, axis=(1, 2, 3)))
     terms = np.stack(terms, 1)
     np.testing.assert_allclose(out["vb"], terms, rtol=2e-5, atol=1e-6)
     total = terms.sum(1) + np.asarray(L.prior_bpd(d, x0))
     np.testing.assert_allclose(out["total_bpd"], total, rtol=1e-5)
-    assert out["x0_mse"].shape == out["eps_mse"].shape == (8, 20)
+    np.testing.assert_allclose(out["x0_mse"], np.stack(x0_mse, 1), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(out["eps_mse"], np.stack(eps_mse, 1), rtol=1e-3, atol=1e-6)
     assert np.all(np.isfinite(out["total_bpd"]))
 
 

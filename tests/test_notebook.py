@@ -4,8 +4,12 @@ released-model section runs on a tiny synthetic diffusers folder, so the noteboo
 
 from __future__ import annotations
 
+import ast
 import base64
+import importlib.metadata
+import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -52,6 +56,75 @@ def test_notebook_structure():
     source = "\n".join(c.source for c in nb.cells)
     assert "huggingface-cli download google/ddpm-cifar10-32" in source
     assert "train.train_and_evaluate(config, WORKDIR)" in source
+
+
+def install_cell_functions() -> dict:
+    """The functions (and imports) of the install cell, without running its install."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    (cell,) = [c for c in nb.cells if "def install_command(" in c.source]
+    tree = ast.parse(cell.source)
+    tree.body = [
+        n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom | ast.FunctionDef)
+    ]
+    namespace = {}
+    exec(compile(tree, str(NOTEBOOK), "exec"), namespace)
+    return namespace
+
+
+def test_install_without_libtpu_takes_the_tpu_extra():
+    command = install_cell_functions()["install_command"]("/content/diffusion_jax", None)
+    assert command == [
+        sys.executable,
+        *"-m pip install -q -e".split(),
+        "/content/diffusion_jax[tpu]",
+    ]
+
+
+def test_install_with_libtpu_keeps_the_runtime_jax():
+    """Colab's TPU runtime: no tpu extra (it would replace libtpu), jax and jaxlib held."""
+    command = install_cell_functions()["install_command"]("/content/diffusion_jax", "libtpu 0.0.21")
+    assert command[:6] == [sys.executable, *"-m pip install -q -e".split()]
+    assert command[6] == "/content/diffusion_jax"
+    assert not any("[tpu]" in arg for arg in command)
+    assert command[7:] == [
+        f"jax=={importlib.metadata.version('jax')}",
+        f"jaxlib=={importlib.metadata.version('jaxlib')}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "installed, module, expected",
+    [
+        ({"libtpu": "0.0.21"}, False, "libtpu 0.0.21"),
+        ({"libtpu-nightly": "0.1.dev20241010"}, False, "libtpu-nightly 0.1.dev20241010"),
+        ({}, True, "libtpu"),  # importable, without distribution metadata
+        ({}, False, None),
+    ],
+)
+def test_preinstalled_libtpu(installed, module, expected, monkeypatch):
+    version, find_spec = importlib.metadata.version, importlib.util.find_spec
+
+    def fake_version(name):
+        if name in ("libtpu", "libtpu-nightly"):
+            if name not in installed:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return installed[name]
+        return version(name)
+
+    def fake_find_spec(name, *args):
+        if name == "libtpu":
+            return object() if module else None
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.metadata, "version", fake_version)
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    assert install_cell_functions()["preinstalled_libtpu"]() == expected
+
+
+def test_notebook_names_its_runtime():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    intro = nb.cells[0].source
+    assert "TPU v5e-1" in intro and "1 device" in intro and "divisible" in intro
 
 
 @pytest.mark.slow

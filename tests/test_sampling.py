@@ -108,12 +108,21 @@ def test_single_steps_match_hand_formulas():
 def test_progressive_snapshots():
     d = S.make_diffusion(BETAS[:30])
     denoise = lambda x, t: 0.1 * x
-    out = SM.sample_loop(d, denoise, (2, 2, 2, 1), jax.random.PRNGKey(0), snapshot_every=10)
+    shape, key = (2, 2, 2, 1), jax.random.PRNGKey(0)
+    out = SM.sample_loop(d, denoise, shape, key, snapshot_every=10)
     assert out["snapshots"].shape == (3, 2, 2, 2, 1)
     np.testing.assert_array_equal(out["snapshot_timesteps"], [20, 10, 0])
-    # the last snapshot is x0_hat at the final step, whose mean is the returned sample there
-    # (no noise is added at t = 1): mean = coef1 * x0_hat + coef2 * x_1
-    assert np.all(np.abs(out["snapshots"]) <= 1.0)
+    # Oracle: the chain stepped in a Python loop with the same noise, x0_hat kept at i % 10 == 0.
+    init_key, loop_key = jax.random.split(key)
+    x, kept = jax.random.normal(init_key, shape), {}
+    for i in range(29, -1, -1):
+        t = jnp.full((2,), i, jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(loop_key, i), shape)
+        x, x0_hat = SM.p_sample(d, denoise(x, t), x, t, noise)
+        if i % 10 == 0:
+            kept[i] = x0_hat
+    np.testing.assert_allclose(out["snapshots"], np.stack([kept[20], kept[10], kept[0]]), 1e-5)
+    np.testing.assert_allclose(out["sample"], x, rtol=1e-5, atol=1e-6)
 
 
 def test_interpolation_shares_noise_across_lambdas():

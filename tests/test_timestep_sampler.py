@@ -71,6 +71,15 @@ def test_sampling_frequencies_and_weights():
 
 
 def test_uniform_sampler():
-    t, w = TS.sample_timesteps(jax.random.PRNGKey(1), 10_000, 1000)
-    assert t.dtype == jnp.int32 and int(t.min()) >= 0 and int(t.max()) < 1000
+    n, num_t = 200_000, 10
+    t, w = TS.sample_timesteps(jax.random.PRNGKey(1), n, num_t)
+    assert t.dtype == jnp.int32 and int(t.min()) >= 0 and int(t.max()) < num_t
     np.testing.assert_array_equal(w, 1.0)
+    # Each timestep's count is Binomial(n, 1/T): within 5 standard deviations of n/T.
+    counts = np.bincount(np.asarray(t), minlength=num_t)
+    sd = np.sqrt(n * (1 / num_t) * (1 - 1 / num_t))
+    assert np.all(np.abs(counts - n / num_t) < 5 * sd), counts
+    # Consecutive draws are independent: the pair (t_i, t_{i+1}) is uniform over T^2 cells.
+    pairs = np.bincount(np.asarray(t[:-1]) * num_t + np.asarray(t[1:]), minlength=num_t**2)
+    chi2 = np.sum((pairs - (n - 1) / num_t**2) ** 2 / ((n - 1) / num_t**2))
+    assert chi2 < num_t**2 + 6 * np.sqrt(2 * num_t**2), chi2

@@ -3,6 +3,7 @@ single-process, the loss falls, the CLI writes its outputs, and bad configs fail
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from diffusion_jax import (
     schedules,
     train,
 )
+from diffusion_jax import state as state_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,14 +70,14 @@ def tree_allclose(a, b, atol):
 
 
 def restore_state(config, workdir, step=None):
-    _, _, abstract, _ = train.init_train_state(config)
+    _, _, abstract, _ = state_lib.init_train_state(config)
     mngr = checkpoint.manager(Path(workdir) / "checkpoints")
     step = mngr.latest_step() if step is None else step
     return checkpoint.restore(mngr, step, abstract)
 
 
 def run_steps(config, mesh, num_steps):
-    graphdef, rest, state, tx = train.init_train_state(config)
+    graphdef, rest, state, tx = state_lib.init_train_state(config)
     apply = generation.model_apply(graphdef, rest)
     diffusion = schedules.diffusion_from_config(config.diffusion)
     fn = train.compile_train_fn(config, apply, diffusion, tx, mesh)
@@ -103,7 +105,7 @@ def test_several_steps_per_call_equal_single_steps(devices):
     config = tiny_mlp_config()
     mesh = distributed.make_mesh(devices)
     one_by_one, _ = run_steps(config, mesh, 2)
-    graphdef, rest, state, tx = train.init_train_state(config)
+    graphdef, rest, state, tx = state_lib.init_train_state(config)
     fn = train.compile_train_fn(
         config,
         generation.model_apply(graphdef, rest),
@@ -150,7 +152,7 @@ def test_swissroll_samples_match_the_data(tmp_path):
     config.training.sample_every = 0
     config.training.log_every = 2000
     state = train.train_and_evaluate(config, str(tmp_path))
-    graphdef, rest, _, _ = train.init_train_state(config)
+    graphdef, rest, _, _ = state_lib.init_train_state(config)
     mesh = distributed.make_mesh(jax.devices()[:1])
     apply = generation.model_apply(graphdef, rest)
     sampler = generation.make_sampler(config, apply, mesh, 1024, "")
@@ -325,7 +327,7 @@ def test_cli_trains_the_embedded_default_and_writes_its_outputs(tmp_path):
 
     # The held-out L_simple of the trained parameters is well below the initial one.
     config = tiny_config()
-    graphdef, rest, initial, _ = train.init_train_state(config)
+    graphdef, rest, initial, _ = state_lib.init_train_state(config)
     trained = restore_state(config, tmp_path, 60)
     apply = generation.model_apply(graphdef, rest)
     diffusion = schedules.diffusion_from_config(config.diffusion)
@@ -413,3 +415,83 @@ def test_two_processes_equal_one_process(tmp_path):
     tree_allclose(one.params, two.params, atol=1e-6)
     tree_allclose(one.ema_params, two.ema_params, atol=1e-6)
     tree_allclose(one.opt_state, two.opt_state, atol=1e-6)
+
+
+def two_processes(workdir, *overrides):
+    """`cli` as processes 0 and 1 of a 2-process run (4 CPU devices each)."""
+    port = free_port()
+    return [
+        cli(
+            workdir,
+            *overrides,
+            devices=4,
+            config="swissroll",
+            env={
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]
+
+
+def finish(procs, timeout=180):
+    """The outputs of `procs`; a process still running after `timeout` s (hanging in a
+    collective) is killed and fails the test."""
+    deadline, outs = time.time() + timeout, []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=max(deadline - time.time(), 1))[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(f"a process did not exit (hanging in a collective?): {p.communicate()[0]}")
+    return outs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """A SIGTERM to process 1 only: both processes save the same step and exit 0 (none is
+    left in a collective); the restarted pair ends bit-identical to an uninterrupted pair."""
+    overrides = [
+        "--config.model.hidden=32",
+        "--config.model.depth=2",
+        "--config.model.dropout=0.1",
+        "--config.diffusion.num_timesteps=20",
+        "--config.diffusion.timestep_sampler=loss_aware",
+        "--config.training.warmup_steps=2",
+        "--config.training.sample_every=0",
+        "--config.training.num_train_steps=20",
+        "--config.training.log_every=1",
+        "--config.training.checkpoint_every=1000",
+    ]
+    straight = two_processes(tmp_path / "straight", *overrides)
+    stopped = two_processes(tmp_path / "stopped", *overrides)
+    procs = straight + stopped
+    try:
+        head = []
+        for line in stopped[1].stdout:
+            head.append(line)
+            if line.startswith("step "):
+                stopped[1].send_signal(signal.SIGTERM)
+                break
+        outs = finish(stopped)
+        outs[1] = "".join(head) + outs[1]
+        assert [p.returncode for p in stopped] == [0, 0], outs
+        saved = [re.findall(r"^Stopped at step (\d+) on request", out, re.M) for out in outs]
+        assert saved[0] == saved[1] and len(saved[0]) == 1, outs
+        step = int(saved[0][0])
+        assert 1 <= step < 20
+        assert checkpoint.checkpoint_steps(tmp_path / "stopped") == [step]
+
+        restarted = two_processes(tmp_path / "stopped", *overrides)
+        procs += restarted
+        outs = finish(restarted + straight)
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in restarted + straight), outs
+    assert all(f"at step {step}." in out for out in outs[:2])
+    config = tiny_mlp_config()
+    resumed = restore_state(config, tmp_path / "stopped", 20)
+    tree_allclose(resumed, restore_state(config, tmp_path / "straight", 20), atol=0)

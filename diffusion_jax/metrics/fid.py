@@ -13,6 +13,7 @@ format of pytorch-fid and TTUR, so their published reference statistics can be u
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -134,11 +135,15 @@ def inception_score(logits: ArrayLike, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def save_statistics(path: str | os.PathLike[str], mu: ArrayLike, sigma: ArrayLike) -> None:
-    """Write ``mu`` [D] and ``sigma`` [D, D] to ``path`` as an ``.npz`` (keys mu, sigma).
-
-    The file is written at exactly ``path`` (no ``.npz`` suffix is appended).
-    """
+def save_statistics(
+    path: str | os.PathLike[str] | BinaryIO, mu: ArrayLike, sigma: ArrayLike
+) -> None:
+    """Write ``mu`` [D] and ``sigma`` [D, D] to ``path`` (or a binary file object) as an
+    ``.npz`` (keys mu, sigma). The file is written at exactly ``path`` (no ``.npz`` suffix
+    is appended)."""
+    if hasattr(path, "write"):
+        np.savez(path, mu=np.asarray(mu), sigma=np.asarray(sigma))
+        return
     with open(path, "wb") as f:
         np.savez(f, mu=np.asarray(mu), sigma=np.asarray(sigma))
 

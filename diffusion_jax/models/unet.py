@@ -26,6 +26,7 @@ and the final conv; biases are zero.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -68,59 +69,100 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
     return emb
 
 
-def validate_unet_args(
-    *,
-    image_size: int,
-    ch: int,
-    ch_mult: Sequence[int],
-    num_res_blocks: int,
-    attn_resolutions: Sequence[int],
-    dropout: float,
-    num_groups: int,
-    num_classes: int,
-    dtype: str,
-) -> None:
-    """Raise ValueError naming the field and values for any inconsistent U-Net setting.
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The U-Net's hyper-parameters: the one list of them, used by the model, the importers
+    (`convert`) and the checkpoint compatibility check. Validated on construction.
 
-    Runs before any parameter is created, hence before any compilation.
+    image_size: H = W of the inputs; in_channels / out_channels: C of x and of the output (2x
+    for a learned variance); ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
+    resamp_with_conv, num_groups, norm_eps: as the official `unet.model` and `config.model`;
+    num_classes: 0 for unconditional, otherwise an embedding of num_classes + 1 rows (row
+    num_classes = the null class); dtype: compute dtype ("float32" | "bfloat16"), parameters
+    are always float32.
     """
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"model.dtype={dtype!r} is not supported; expected one of {sorted(SUPPORTED_DTYPES)}"
-        )
-    if len(ch_mult) < 1:
-        raise ValueError(f"model.ch_mult={tuple(ch_mult)} must have at least one level")
-    if ch < 1 or any(m < 1 for m in ch_mult):
-        raise ValueError(f"model.ch={ch} and model.ch_mult={tuple(ch_mult)} must be positive")
-    if num_res_blocks < 1:
-        raise ValueError(f"model.num_res_blocks={num_res_blocks} must be >= 1")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
-    if num_classes < 0:
-        raise ValueError(f"model.num_classes={num_classes} must be >= 0")
-    factor = 2 ** (len(ch_mult) - 1)
-    if image_size < 1 or image_size % factor != 0:
-        raise ValueError(
-            f"data.image_size={image_size} must be divisible by 2**(len(model.ch_mult)-1)"
-            f"={factor} (model.ch_mult={tuple(ch_mult)})"
-        )
-    resolutions = [image_size // 2**i for i in range(len(ch_mult))]
-    bad = [r for r in attn_resolutions if r not in resolutions]
-    if bad:
-        raise ValueError(
-            f"model.attn_resolutions={tuple(attn_resolutions)}: {bad} never occur; the U-Net "
-            f"resolutions for data.image_size={image_size} and model.ch_mult={tuple(ch_mult)} "
-            f"are {resolutions}"
-        )
-    if num_groups < 1:
-        raise ValueError(f"model.num_groups={num_groups} must be >= 1")
-    widths = sorted({ch, *(ch * m for m in ch_mult)})
-    bad_w = [w for w in widths if w % num_groups != 0]
-    if bad_w:
-        raise ValueError(
-            f"channel widths {bad_w} (model.ch={ch} x model.ch_mult={tuple(ch_mult)}) are not "
-            f"divisible by model.num_groups={num_groups}"
-        )
+
+    image_size: int
+    in_channels: int
+    out_channels: int
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    num_groups: int = 32
+    norm_eps: float = 1e-6
+    num_classes: int = 0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            value = (
+                tuple(int(v) for v in value)
+                if isinstance(value, Sequence) and not isinstance(value, str)
+                else value
+            )
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        """ValueError naming the field and values for any inconsistent setting; runs before
+        any parameter is created, hence before any compilation."""
+        image_size, ch, ch_mult = self.image_size, self.ch, self.ch_mult
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"model.dtype={self.dtype!r} is not supported; "
+                f"expected one of {sorted(SUPPORTED_DTYPES)}"
+            )
+        if len(ch_mult) < 1:
+            raise ValueError(f"model.ch_mult={ch_mult} must have at least one level")
+        if ch < 1 or any(m < 1 for m in ch_mult):
+            raise ValueError(f"model.ch={ch} and model.ch_mult={ch_mult} must be positive")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"model.num_res_blocks={self.num_res_blocks} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.num_classes < 0:
+            raise ValueError(f"model.num_classes={self.num_classes} must be >= 0")
+        factor = 2 ** (len(ch_mult) - 1)
+        if image_size < 1 or image_size % factor != 0:
+            raise ValueError(
+                f"data.image_size={image_size} must be divisible by 2**(len(model.ch_mult)-1)"
+                f"={factor} (model.ch_mult={ch_mult})"
+            )
+        resolutions = [image_size // 2**i for i in range(len(ch_mult))]
+        bad = [r for r in self.attn_resolutions if r not in resolutions]
+        if bad:
+            raise ValueError(
+                f"model.attn_resolutions={self.attn_resolutions}: {bad} never occur; the U-Net "
+                f"resolutions for data.image_size={image_size} and model.ch_mult={ch_mult} "
+                f"are {resolutions}"
+            )
+        if self.num_groups < 1:
+            raise ValueError(f"model.num_groups={self.num_groups} must be >= 1")
+        widths = sorted({ch, *(ch * m for m in ch_mult)})
+        bad_w = [w for w in widths if w % self.num_groups != 0]
+        if bad_w:
+            raise ValueError(
+                f"channel widths {bad_w} (model.ch={ch} x model.ch_mult={ch_mult}) are not "
+                f"divisible by model.num_groups={self.num_groups}"
+            )
+
+
+# UNetConfig fields that fix the shapes of the parameters (checkpoint compatibility).
+SHAPE_FIELDS = (
+    "image_size",
+    "in_channels",
+    "out_channels",
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "resamp_with_conv",
+    "num_classes",
+)
 
 
 def apply_dropout(h: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -283,48 +325,20 @@ class Middle(nnx.Module):
 class UNet(nnx.Module):
     """The DDPM U-Net. Call: `model(x, t, y=None, *, dropout_key=None) -> [B, H, W, C_out]`.
 
-    Args (keyword only):
-      image_size: H = W of the inputs.
-      in_channels / out_channels: C of x and of the output (2x for learned variance).
-      ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv, num_groups,
-      norm_eps: as the official `unet.model` and `config.model`.
-      num_classes: 0 for unconditional; otherwise an embedding of num_classes + 1 rows
-        (row num_classes = null class) is added to the timestep embedding.
-      dtype: compute dtype, "float32" or "bfloat16"; parameters are always float32.
-      rngs: parameter initialisation keys.
+    Built from a validated `UNetConfig` (its docstring lists the hyper-parameters); `rngs`
+    gives the parameter initialisation keys.
     """
 
-    def __init__(
-        self,
-        *,
-        image_size: int,
-        in_channels: int,
-        out_channels: int,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 2, 2, 2),
-        num_res_blocks: int = 2,
-        attn_resolutions: Sequence[int] = (16,),
-        dropout: float = 0.1,
-        resamp_with_conv: bool = True,
-        num_groups: int = 32,
-        norm_eps: float = 1e-6,
-        num_classes: int = 0,
-        dtype: str = "float32",
-        rngs: nnx.Rngs,
-    ):
-        ch_mult = tuple(int(m) for m in ch_mult)
-        attn_resolutions = tuple(int(r) for r in attn_resolutions)
-        validate_unet_args(
-            image_size=image_size,
-            ch=ch,
-            ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=attn_resolutions,
-            dropout=dropout,
-            num_groups=num_groups,
-            num_classes=num_classes,
-            dtype=dtype,
+    def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs):
+        image_size, in_channels, out_channels = (
+            config.image_size,
+            config.in_channels,
+            config.out_channels,
         )
+        ch, ch_mult, num_res_blocks = config.ch, config.ch_mult, config.num_res_blocks
+        attn_resolutions, dropout = config.attn_resolutions, config.dropout
+        resamp_with_conv, num_groups = config.resamp_with_conv, config.num_groups
+        norm_eps, num_classes, dtype = config.norm_eps, config.num_classes, config.dtype
         self.image_size = image_size
         self.in_channels = in_channels
         self.out_channels = out_channels

@@ -18,7 +18,10 @@ from jax._src import compilation_cache
 from PIL import Image
 
 from configs.digits import get_config
-from diffusion_jax import checkpoint, convert, distributed, evaluate, generation, input_pipeline
+from diffusion_jax import checkpoint, convert, distributed, generation, input_pipeline, sample
+from diffusion_jax import state as state_lib
+from diffusion_jax.evaluation import base, bpd, job, pictures, quality
+from diffusion_jax.evaluation import fid as fid_eval
 from diffusion_jax.metrics import fid
 
 PNG_KINDS = ("samples", "progressive", "rate_distortion", "interpolation")
@@ -98,7 +101,7 @@ def trained(tmp_path_factory):
     below, and skips compiling a training step)."""
     config = tiny_config()
     workdir = tmp_path_factory.mktemp("trained")
-    _, _, abstract = evaluate.abstract_train_state(config, distributed.make_mesh())
+    _, _, abstract = state_lib.abstract_train_state(config, distributed.make_mesh())
     mngr = checkpoint.manager(workdir / "checkpoints", async_save=False)
     for step in (1, 2, 3):
         state = convert.train_state_from_params(config, random_params(abstract.params, step))
@@ -138,17 +141,17 @@ def test_eval_job_evaluates_each_checkpoint_once_across_restarts(workdir, capsys
     (offline, no weights); bits/dim and the four PNGs are there for every checkpoint."""
     config = tiny_config()
     config.eval.once = True
-    first = evaluate.evaluate_checkpoints(config, workdir)
+    first = job.evaluate_checkpoints(config, workdir)
     assert [r["step"] for r in first] == [3]
     config.eval.once = False
-    second = evaluate.evaluate_checkpoints(config, workdir)
+    second = job.evaluate_checkpoints(config, workdir)
     assert [r["step"] for r in second] == [1, 2]
     out = capsys.readouterr().out
     notices = [line for line in out.splitlines() if "FID/IS skipped:" in line]
     assert len(notices) == 2  # one line per job start, naming the way out
     assert all("--config.eval.inception_weights=" in line for line in notices)
     assert "$DIFFUSION_JAX_CACHE" not in out and "Traceback" not in out
-    third = evaluate.evaluate_checkpoints(config, workdir)
+    third = job.evaluate_checkpoints(config, workdir)
     assert third == []
     assert "Evaluating" not in capsys.readouterr().out
 
@@ -176,14 +179,14 @@ def test_bpd_is_finite_and_above_the_entropy_bound(workdir):
     curve of §4.3 falls from the full rate to the prior term along the timesteps."""
     config = tiny_config()
     mesh = distributed.make_mesh()
-    graphdef, rest, abstract = evaluate.abstract_train_state(config, mesh)
-    params = evaluate.restore_state(workdir, 3, abstract).ema_params
-    bpd_fn = evaluate.make_bpd_fn(config, generation.model_apply(graphdef, rest), mesh)
+    graphdef, rest, abstract = state_lib.abstract_train_state(config, mesh)
+    params = checkpoint.restore_step(workdir, 3, abstract).ema_params
+    bpd_fn = bpd.make_bpd_fn(config, generation.model_apply(graphdef, rest), mesh)
 
     def bpd_of(images):
         batches = [{"image": images, "label": np.zeros(len(images), np.int32)}]
-        padded = evaluate.padded_batches(batches, 16, images.shape[1:])
-        return evaluate.compute_bpd(bpd_fn, params, padded, mesh, jax.random.PRNGKey(0))
+        padded = base.padded_batches(batches, 16, images.shape[1:])
+        return bpd.compute_bpd(bpd_fn, params, padded, mesh, jax.random.PRNGKey(0))
 
     noise = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
     assert bpd_of(noise)["bpd"] > 8.0
@@ -199,14 +202,14 @@ def test_bpd_is_finite_and_above_the_entropy_bound(workdir):
 
     # Padding rows (mask 0) do not count: 12 real rows padded to 16 give their own mean.
     part = [{"image": digits["image"][:12], "label": digits["label"][:12]}]
-    padded = evaluate.padded_batches(part, 16, (8, 8, 1))
-    assert evaluate.compute_bpd(bpd_fn, params, padded, mesh, jax.random.PRNGKey(0))["count"] == 12
+    padded = base.padded_batches(part, 16, (8, 8, 1))
+    assert bpd.compute_bpd(bpd_fn, params, padded, mesh, jax.random.PRNGKey(0))["count"] == 12
 
 
 def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
     config = tiny_config()  # 40 samples in shards of 16: 3 shards
     config.sampling.max_shards = 2
-    directory = evaluate.sample(config, workdir)
+    directory = sample.sample(config, workdir)
     assert directory == workdir / "samples" / "3"
     first = sorted(directory.glob("shard_*.npz"))
     assert [p.name for p in first] == ["shard_00000.npz", "shard_00001.npz"]
@@ -215,13 +218,13 @@ def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
     before = {p.name: (os.stat(p).st_mtime_ns, p.read_bytes()) for p in first}
 
     config.sampling.max_shards = 0
-    evaluate.sample(config, workdir)
+    sample.sample(config, workdir)
     shards = sorted(directory.glob("shard_*.npz"))
     assert len(shards) == 3 and not list(directory.glob(".*tmp*"))
     for name, (mtime, data) in before.items():
         assert os.stat(directory / name).st_mtime_ns == mtime
         assert (directory / name).read_bytes() == data
-    samples = evaluate.load_samples(directory, 40)
+    samples = sample.load_samples(directory, 40)
     assert samples.shape == (40, 8, 8, 1) and samples.dtype == np.uint8
     assert len(np.unique(samples.reshape(40, -1), axis=0)) == 40
     with Image.open(directory / "grid.png") as img:
@@ -229,7 +232,7 @@ def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
 
     config.sampling.method = "ddim"  # other settings: resuming into this folder is refused
     with pytest.raises(ValueError, match="other settings"):
-        evaluate.sample(config, workdir)
+        sample.sample(config, workdir)
 
 
 def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
@@ -243,19 +246,24 @@ def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
         shapes.append(images.shape)
         return fake_feature_fn(images)
 
-    record = evaluate.evaluate_checkpoint(config, workdir, 3, feature_fn=features)
+    record = job.evaluate_checkpoint(
+        config, workdir, 3, evaluator_options={"fid": {"feature_fn": features}}
+    )
     # 1797 training digits in batches of 16 (the last padded), then 2 shards of 16 samples.
     assert set(shapes) == {(16, 8, 8, 3)} and len(shapes) == math.ceil(1797 / 16) + 2
     assert np.isfinite(record["fid"]) and record["fid"] >= 0
-    assert 1.0 <= record["is"] <= 10.0 and record["fid_num_samples"] == 32
+    assert record["fid_num_samples"] == 32
     assert np.isfinite(record["bpd"])
 
-    stats_path = evaluate.reference_stats_path(config)
+    samples = sample.load_samples(workdir / "eval" / "samples" / "3", 32)
+    is_mean, is_std = fid.inception_score(fake_feature_fn(np.repeat(samples, 3, -1))[1], splits=2)
+    assert (record["is"], record["is_std"]) == pytest.approx((is_mean, is_std), rel=1e-6)
+
+    stats_path = fid_eval.reference_stats_path(config)
     assert stats_path.name == "fid_stats_digits_train_8.npz" and stats_path.exists()
     mu, sigma = fid.load_statistics(stats_path)
     assert mu.shape == (16,) and sigma.shape == (16, 16)
 
-    samples = evaluate.load_samples(workdir / "eval" / "samples" / "3", 32)
     expected = fid.frechet_distance(
         *fid.compute_statistics(fake_feature_fn(np.repeat(samples, 3, axis=-1))[0]), mu, sigma
     )
@@ -264,23 +272,180 @@ def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
     data = np.concatenate(
         [b["image"] for b in input_pipeline.create_eval_arrays(config, "train", None)]
     )
-    self_fid = evaluate.fid_and_inception_score(config, fake_feature_fn, [data], (mu, sigma))
+    self_fid = fid_eval.fid_and_inception_score(config, fake_feature_fn, [data], (mu, sigma))
     assert abs(self_fid["fid"]) < 1e-6
 
     # A published statistics file named by eval.fid_stats is used as is.
     config.eval.fid_stats = str(stats_path)
-    assert evaluate.reference_stats_path(config) == stats_path
+    assert fid_eval.reference_stats_path(config) == stats_path
     config.eval.fid_stats = str(workdir / "missing.npz")
     with pytest.raises(FileNotFoundError, match="fid_stats"):
-        evaluate.reference_statistics(config, fake_feature_fn)
+        fid_eval.reference_statistics(config, fake_feature_fn)
 
 
 def test_picture_layouts():
     snaps = np.arange(3 * 5).reshape(3, 5, 1, 1, 1).astype(np.float32)  # [S, B, ...]
-    images, ncol = evaluate.progressive_strip(snaps, rows=2)
+    images, ncol = pictures.progressive_strip(snaps, rows=2)
     assert ncol == 3 and images[:, 0, 0, 0].tolist() == [0, 5, 10, 1, 6, 11]
     a, b = np.zeros((2, 1, 1, 1)), np.ones((2, 1, 1, 1))
     mixed = np.full((3, 2, 1, 1, 1), 0.5)
-    images, ncol = evaluate.interpolation_grid(a, b, mixed)
+    images, ncol = pictures.interpolation_grid(a, b, mixed)
     assert ncol == 5 and images[:, 0, 0, 0].tolist() == [0, 0.5, 0.5, 0.5, 1] * 2
-    assert evaluate.snapshot_every(1000, 10) == 111 and evaluate.snapshot_every(20, 5) == 4
+    assert pictures.snapshot_every(1000, 10) == 111 and pictures.snapshot_every(20, 5) == 4
+
+
+def test_class_conditional_model_trains_with_label_dropout_and_samples_guided(tmp_path):
+    """A conditional network end to end: label dropout trains the null class, and the
+    evaluation's sampler and --mode sample use classifier-free guidance with cycling labels."""
+    from diffusion_jax import train  # the training loop itself, as main.py runs it
+
+    config = tiny_config()
+    config.model.num_classes = 10
+    config.training.label_dropout = 0.5
+    config.training.num_train_steps = 3
+    config.training.checkpoint_every = 3
+    config.sampling.guidance_scale = 2.0
+    config.sampling.num_samples = 16
+    config.eval.evaluators = ("samples", "bpd")
+    workdir = tmp_path / "conditional"
+    state = train.train_and_evaluate(config, workdir)
+
+    # The null class (row num_classes) is only ever seen through dropped labels.
+    init = state_lib.init_train_state(config)[2].params.to_pure_dict()["class_embed"]["embedding"]
+    trained = state.params.to_pure_dict()["class_embed"]["embedding"]
+    assert np.abs(np.asarray(trained[10]) - np.asarray(init[10])).max() > 1e-4
+
+    # The guided denoiser the samplers use is (1 + w) out(y) - w out(null).
+    graphdef, rest, _ = state_lib.abstract_train_state(config, distributed.make_mesh())
+    apply = generation.model_apply(graphdef, rest)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 1))
+    t, y = np.array([0, 5, 10, 19]), np.array([1, 3, 5, 7])
+    guided = generation.denoise_fn(config, apply, state.ema_params, y)(x, t)
+    cond = apply(state.ema_params, x, t, y)
+    uncond = apply(state.ema_params, x, t, np.full(4, 10))
+    np.testing.assert_allclose(guided, 3.0 * cond - 2.0 * uncond, rtol=1e-5, atol=1e-5)
+
+    record = job.evaluate_checkpoint(config, workdir, 3)
+    assert np.isfinite(record["bpd"]) and (workdir / "eval" / "samples_00000003.png").exists()
+    with (sample.sample(config, workdir) / "shard_00000.npz").open("rb") as f:
+        shard = np.load(f)
+        np.testing.assert_array_equal(shard["label"], np.arange(16) % 10)
+        assert np.isfinite(shard["image"]).all()
+
+
+def test_ode_bpd_and_sample_quality_evaluators(workdir):
+    """'ode_bpd' next to the bound, and 'quality' on the eval job's samples, as records."""
+    config = tiny_config()
+    config.eval.evaluators = ("bpd", "ode_bpd", "quality")
+    config.eval.ode_num_steps = 3
+    config.eval.ode_num_probes = 2
+    record = job.evaluate_checkpoint(config, workdir, 3)
+    assert record["ode_nfe"] == 12 and record["ode_num_examples"] == 16
+    assert np.isfinite(record["ode_bpd"]) and record["ode_bpd_se"] > 0
+    # The eval job's samples are the ones scored, and the score is the metric's own.
+    samples = sample.load_samples(workdir / "eval" / "samples" / "3", 32)
+    expected = quality.score(samples)
+    assert record["quality_num_samples"] == 32
+    assert record["digits_fd"] == pytest.approx(expected["digits_fd"], rel=1e-9)
+    assert record["digits_fd_floor"] == expected["digits_fd_floor"] > 0
+
+
+def truncate_checkpoint(workdir, step):
+    """Cuts the array data files of checkpoint `step` (orbax's OCDBT `d/` folders) to half
+    their size, as an interrupted copy would."""
+    files = [p for p in (workdir / "checkpoints" / str(step)).rglob("*") if p.parent.name == "d"]
+    assert files
+    for data in files:
+        os.truncate(data, data.stat().st_size // 2)
+
+
+class StopPolling(Exception):
+    pass
+
+
+def test_eval_job_records_an_unreadable_checkpoint_as_skipped_and_never_retries_it(
+    workdir, capfd, monkeypatch
+):
+    """Checkpoint 2 truncated: one line names it, metrics.jsonl records it as skipped, the
+    others are evaluated; neither the polling job nor a restarted one tries it again."""
+    config = tiny_config()
+    config.eval.evaluators = ("samples",)
+    config.eval.once = False
+    config.training.num_train_steps = 5  # not reached: the job goes on polling
+    truncate_checkpoint(workdir, 2)
+    attempts = []
+    restore_step = checkpoint.restore_step
+
+    def counting_restore(workdir, step, abstract):
+        attempts.append(step)
+        return restore_step(workdir, step, abstract)
+
+    polls = []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == 3:
+            raise StopPolling
+
+    monkeypatch.setattr(checkpoint, "restore_step", counting_restore)
+    monkeypatch.setattr(job.time, "sleep", sleep)
+    with pytest.raises(StopPolling):
+        job.evaluate_checkpoints(config, workdir)
+    assert attempts == [1, 2, 3]  # three polls, each checkpoint tried once
+    lines = read_lines(workdir)
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    assert "skipped" not in lines[0] and "skipped" not in lines[2]
+    assert lines[1]["skipped"].startswith("unreadable checkpoint: 2/default/")
+    assert "truncated" in lines[1]["skipped"]
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Event loop is closed" not in out + err
+    (line,) = [line for line in out.splitlines() if "unreadable" in line]
+    assert line.startswith("Checkpoint 2 of ") and "recorded as skipped" in line
+
+    config.training.num_train_steps = 3  # a restarted job: nothing left to do
+    assert job.evaluate_checkpoints(config, workdir) == []
+    assert attempts == [1, 2, 3] and "Evaluating" not in capfd.readouterr().out
+
+
+def test_eval_once_falls_back_to_the_newest_readable_checkpoint(workdir, capfd):
+    config = tiny_config()
+    config.eval.evaluators = ("samples",)
+    config.eval.once = True
+    truncate_checkpoint(workdir, 3)
+    records = job.evaluate_checkpoints(config, workdir)
+    assert [r["step"] for r in records] == [3, 2]
+    assert "skipped" in records[0] and "skipped" not in records[1]
+    assert (workdir / "eval" / "samples_00000002.png").exists()
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+
+
+def test_eval_job_with_no_readable_checkpoint_is_one_error(workdir, capfd, monkeypatch):
+    config = tiny_config()
+    config.eval.evaluators = ("samples",)
+    config.eval.once = False
+    for step in (1, 2, 3):
+        truncate_checkpoint(workdir, step)
+    monkeypatch.setattr(job.time, "sleep", lambda seconds: pytest.fail("polled again"))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        job.evaluate_checkpoints(config, workdir)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("no readable checkpoint in ")
+    assert all(f"step {s}: {s}/default/" in message for s in (1, 2, 3))
+    assert [r["step"] for r in read_lines(workdir) if "skipped" in r] == [1, 2, 3]
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Event loop is closed" not in out + err
+
+
+def test_sample_mode_uses_the_newest_readable_checkpoint(workdir, capfd):
+    config = tiny_config()
+    config.sampling.num_samples = 16
+    truncate_checkpoint(workdir, 3)
+    assert sample.sample(config, workdir) == workdir / "samples" / "2"
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    (line,) = [line for line in out.splitlines() if "unreadable" in line]
+    assert line.startswith("Checkpoint 3 in ") and "using step 2" in line
+    config.sampling.checkpoint_step = 3  # asked for by its step: an error, in one line
+    with pytest.raises(checkpoint.UnreadableCheckpointError, match="checkpoint 3 in .* truncated"):
+        sample.sample(config, workdir)

@@ -1,0 +1,167 @@
+"""Every check of a config, in one place, run by every mode before anything compiles.
+
+Each check raises ValueError naming the field, its value and what is allowed; `main` turns it
+into one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from diffusion_jax import (
+    continuous_time,
+    input_pipeline,
+    losses,
+    models,
+    ode_likelihood,
+    schedules,
+    solvers,
+    state,
+    timestep_sampler,
+)
+
+MODES = ("train", "eval", "sample")
+# jax.default_matmul_precision names.
+PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
+
+
+def _positive(config: ml_collections.ConfigDict, fields: tuple[str, ...], strict: bool = True):
+    for name in fields:
+        section, key = name.split(".")
+        value = config[section][key]
+        if (value <= 0) if strict else (value < 0):
+            bound = "> 0" if strict else ">= 0"
+            raise ValueError(f"config.{name}={value!r} must be {bound}")
+
+
+def _choice(config: ml_collections.ConfigDict, name: str, allowed: tuple[str, ...]) -> None:
+    section, key = name.split(".")
+    value = config[section][key]
+    if value not in allowed:
+        raise ValueError(f"config.{name}={value!r}; allowed: {', '.join(allowed)}")
+
+
+def _divisible(config: ml_collections.ConfigDict, name: str, num_devices: int) -> None:
+    section, key = name.split(".")
+    value = config[section][key]
+    if value % num_devices:
+        raise ValueError(
+            f"config.{name}={value} is not divisible by the {num_devices} devices; "
+            f"use a multiple of {num_devices}"
+        )
+
+
+def check_model(config: ml_collections.ConfigDict) -> None:
+    """Data, diffusion and model fields: what any mode needs to build the network."""
+    input_pipeline.validate_dataset_name(config.data.name)
+    _choice(config, "model.name", models.MODEL_NAMES)
+    schedules.get_beta_schedule(
+        config.diffusion.schedule,
+        config.diffusion.num_timesteps,
+        config.diffusion.beta_start,
+        config.diffusion.beta_end,
+    )
+    schedules.diffusion_from_config(config.diffusion)  # parameterisation names
+    _choice(config, "diffusion.loss_type", losses.LOSS_TYPES)
+    _choice(config, "diffusion.timestep_sampler", timestep_sampler.SAMPLERS)
+    _positive(config, ("diffusion.beta_start", "diffusion.beta_end"))
+    _positive(config, ("model.dropout", "diffusion.hybrid_lambda"), strict=False)
+    if not 2 <= config.data.levels <= 256:
+        raise ValueError(f"config.data.levels={config.data.levels!r} must be in [2, 256]")
+    state.abstract_model(config)  # the network's own checks, shapes only
+
+
+def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    _positive(
+        config,
+        (
+            "training.batch_size",
+            "training.num_train_steps",
+            "training.learning_rate",
+            "training.steps_per_call",
+            "training.log_every",
+            "training.checkpoint_every",
+            "training.keep",
+        ),
+    )
+    _positive(
+        config,
+        (
+            "training.warmup_steps",
+            "training.grad_clip",
+            "training.label_dropout",
+            "training.sample_every",
+        ),
+        strict=False,
+    )
+    for name in ("ema_decay", "label_dropout"):
+        value = config.training[name]
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"config.training.{name}={value!r} must be in [0, 1)")
+    _divisible(config, "training.batch_size", num_devices)
+
+
+def check_sampling(config: ml_collections.ConfigDict) -> None:
+    """The sampler settings (method, steps, spacing, order), for every mode: training
+    previews sample too."""
+    solvers.validate_sampling(
+        config.sampling, config.diffusion.num_timesteps, config.diffusion.model_output
+    )
+
+
+def check_evaluation(config: ml_collections.ConfigDict) -> None:
+    from diffusion_jax.evaluation import EVALUATORS, IMAGE_EVALUATORS, quality
+
+    for name in config.eval.evaluators:
+        if name not in EVALUATORS:
+            raise ValueError(
+                f"config.eval.evaluators: {name!r} is not an evaluator; allowed: "
+                f"{', '.join(EVALUATORS)}"
+            )
+        if name in IMAGE_EVALUATORS and not input_pipeline.is_image_data(config):
+            raise ValueError(
+                f"config.eval.evaluators: {name!r} needs image data, not {config.data.name!r}"
+            )
+        if name == "quality" and config.data.name not in quality.HEADLINE:
+            raise ValueError(
+                f"config.eval.evaluators: 'quality' has a metric for "
+                f"{', '.join(quality.HEADLINE)} only, not {config.data.name!r}; use 'fid'"
+            )
+    for name in (
+        "batch_size",
+        "grid_num",
+        "progressive_steps",
+        "interpolation_lambdas",
+        "is_splits",
+    ):
+        if int(config.eval[name]) < 1:
+            raise ValueError(f"config.eval.{name}={config.eval[name]!r} must be >= 1")
+    _choice(config, "eval.precision", PRECISIONS)
+    _choice(config, "eval.ode_solver", ode_likelihood.SOLVERS)
+    _choice(config, "eval.ode_divergence", ode_likelihood.DIVERGENCES)
+    _choice(config, "eval.ode_probe", ode_likelihood.PROBES)
+    _positive(config, ("eval.ode_num_steps", "eval.ode_num_probes"))
+    if "ode_bpd" in config.eval.evaluators:
+        _choice(config, "diffusion.model_output", continuous_time.ODE_MODEL_OUTPUTS)
+    if 0 < config.eval.num_samples < config.eval.is_splits:
+        raise ValueError(
+            f"config.eval.num_samples={config.eval.num_samples} is fewer than the "
+            f"{config.eval.is_splits} Inception Score splits (eval.is_splits)"
+        )
+
+
+def validate_config(
+    config: ml_collections.ConfigDict, mode: str = "train", num_devices: int | None = None
+) -> None:
+    """All checks that `mode` ('train' | 'eval' | 'sample') needs; ValueError on the first
+    bad value. Training previews sample, so every mode checks the sampler settings."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
+    num_devices = num_devices or jax.device_count()
+    check_model(config)
+    check_training(config, num_devices)
+    check_sampling(config)
+    if mode != "train":
+        _divisible(config, "sampling.batch_size", num_devices)
+        check_evaluation(config)

@@ -1,0 +1,142 @@
+"""What every evaluator shares: the context it runs in, its random streams, and batches
+padded to a fixed shape so that all hosts step in lockstep.
+
+An evaluator (big_vision style) is built once per job from a `Context` and called once per
+checkpoint: `run(params, step) -> dict` of scalars for `metrics.jsonl` and TensorBoard, plus
+an optional 'pictures' entry {name: uint8 [H, W, C]} that the job writes as
+`eval/<name>_<step>.png` and TensorBoard images. Jitted functions are built on first use
+and reused for every checkpoint (the parameters are arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from diffusion_jax import generation, logs, sample
+
+# Independent random streams below the seed (fold_in), the same for every checkpoint.
+# (sample.SAMPLES_STREAM = 1 draws the sample shards.)
+GRID_STREAM, BPD_STREAM, INTERP_STREAM, ODE_STREAM = 2, 3, 4, 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What an evaluator may use: the config, the workdir, the device mesh and the pure
+    network `apply(params, x, t, y=None) -> output`."""
+
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    mesh: Mesh
+    apply: Callable[..., jax.Array]
+
+    @property
+    def eval_dir(self) -> epath.Path:
+        return self.workdir / "eval"
+
+
+class Evaluator(Protocol):
+    def __init__(self, context: Context) -> None: ...
+
+    def run(self, params: Any, step: int) -> dict[str, Any]: ...
+
+
+def with_precision(apply: Callable[..., jax.Array], precision: str) -> Callable[..., jax.Array]:
+    """`apply` with every matrix product and convolution at `precision` ('highest': float32
+    on TPU and without TF32 on GPU; 'default': the platform's fast path), for likelihoods
+    whose value must not depend on the accelerator."""
+
+    def precise(*args, **kwargs):
+        with jax.default_matmul_precision(precision):
+            return apply(*args, **kwargs)
+
+    return precise
+
+
+def local_batch_size(global_batch: int) -> int:
+    """This host's share of a global batch, rounded up to a multiple of its devices."""
+    per_host = -(-global_batch // jax.process_count())
+    local = jax.local_device_count()
+    return -(-per_host // local) * local
+
+
+def round_up_to_devices(n: int) -> int:
+    return -(-n // jax.device_count()) * jax.device_count()
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def padded_batches(
+    batches: Iterable[dict[str, np.ndarray]], size: int, image_shape: tuple[int, ...]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches {'image' uint8 [b, H, W, C], 'label' [b]} zero-padded to `size` rows with
+    'mask' [size] (1 = real example); on several hosts, they continue until all hosts are done
+    (an exhausted host contributes all-padding batches)."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if not _any_process(batch is not None):
+            return
+        n = 0 if batch is None else len(batch["label"])
+        if n > size:
+            raise ValueError(f"batch of {n} exceeds the padded size {size}")
+        out = {
+            "image": np.zeros((size, *image_shape), np.uint8),
+            "label": np.zeros((size,), np.int32),
+            "mask": np.zeros((size,), np.float32),
+        }
+        if n:
+            out["image"][:n] = batch["image"]
+            out["label"][:n] = batch["label"]
+            out["mask"][:n] = 1.0
+        yield out
+
+
+class EvalSamples:
+    """The eval job's samples of a checkpoint: `eval.num_samples` drawn with the configured
+    sampler (batches of `sampling.batch_size`) into resumable shards `DIR/eval/samples/<step>/`
+    (`sample.write_sample_shards`), shared by every evaluator that scores samples: the one that
+    runs first draws them, the others find them written."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.num_samples = int(context.config.eval.num_samples)
+        self._sampler = None
+
+    def directory(self, step: int) -> epath.Path:
+        return self.context.eval_dir / "samples" / str(step)
+
+    def draw(self, params: Any, step: int) -> epath.Path:
+        """Makes sure all shards of checkpoint `step` exist; returns their folder."""
+        ctx, c = self.context, self.context.config
+        directory = self.directory(step)
+        nfe = generation.sampler_nfe(c, c.sampling.respacing)
+        logs.log(
+            f"  {self.num_samples} samples of checkpoint {step} ({c.sampling.method}, {nfe} "
+            f"network evaluations per sample) in {directory}"
+        )
+        self._sampler = self._sampler or generation.make_sampler(
+            c, ctx.apply, ctx.mesh, int(c.sampling.batch_size), c.sampling.respacing
+        )
+        sample.write_sample_shards(c, self._sampler, params, directory, self.num_samples)
+        return directory
+
+    def settings(self) -> dict[str, Any]:
+        """What the scores of these samples depend on, for the metrics record."""
+        c = self.context.config
+        return {
+            "sample_method": generation.sampler_method(c, c.sampling.respacing),
+            "sample_nfe": generation.sampler_nfe(c, c.sampling.respacing),
+        }

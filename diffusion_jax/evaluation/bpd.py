@@ -1,0 +1,175 @@
+"""The variational bound in bits/dim (DDPM eq. 5) and its rate/distortion split (§4.3).
+
+Evaluator 'bpd': the full-chain bound on the first `eval.bpd_num_examples` images of
+`data.eval_split` (`likelihood.calc_bpd_loop`), with the EMA parameters; conditional models
+are evaluated with the true labels and without guidance. Pictures: the rate/distortion plot
+(DDPM Fig. 5); the curves are also kept in `eval/rate_distortion_<step>.npz`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from diffusion_jax import (
+    checkpoint,
+    distributed,
+    generation,
+    input_pipeline,
+    likelihood,
+    logs,
+    schedules,
+    visualize,
+)
+from diffusion_jax.evaluation import base
+
+
+def make_bpd_fn(
+    config: ml_collections.ConfigDict, apply: Callable[..., jax.Array], mesh: Mesh
+) -> Callable[..., dict[str, jax.Array]]:
+    """Jitted `(params, image uint8 [B, H, W, C], label [B], mask [B], key) -> sums`.
+
+    The sums over the unmasked examples (replicated): 'count', 'total_bpd', 'prior_bpd',
+    'vb' [T] and 'x0_mse' [T] of `likelihood.calc_bpd_loop` on the full chain, every network
+    call at `eval.precision`. Conditional models use the true labels and no guidance.
+    """
+    diffusion = schedules.diffusion_from_config(config.diffusion)
+    conditional = bool(config.model.num_classes)
+    apply = base.with_precision(apply, config.eval.precision)
+
+    def run(params, image, label, mask, key):
+        x_start = input_pipeline.to_model_range(image)
+        y = label if conditional else None
+        out = likelihood.calc_bpd_loop(
+            diffusion,
+            lambda x_t, t: apply(params, x_t, t, y),
+            x_start,
+            key,
+            clip_denoised=config.sampling.clip_denoised,
+        )
+        # Elementwise products, not `mask @ x`: TPU/GPU matmuls may run float32 in bf16/TF32.
+        sums = {
+            k: jnp.sum(mask.reshape((-1,) + (1,) * (out[k].ndim - 1)) * out[k], axis=0)
+            for k in ("total_bpd", "prior_bpd", "vb", "x0_mse")
+        }
+        return {"count": jnp.sum(mask), **sums}
+
+    sharded, repl = distributed.batch_sharded(mesh), distributed.replicated(mesh)
+    return jax.jit(
+        run,
+        in_shardings=(repl, sharded, sharded, sharded, repl),
+        out_shardings=repl,
+        compiler_options=distributed.compiler_options(mesh),
+    )
+
+
+def summarize_bpd(sums: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Means of the sums of `make_bpd_fn`: 'bpd' (total bound), 'bpd_prior' (L_T),
+    'bpd_rate' (L_1 + ... + L_T), 'bpd_distortion' (L_0, the decoder) in bits/dim, 'rmse'
+    (distortion of x0_hat(x_1) on the 0-255 scale), 'count', and the curves 'rate' [T],
+    'distortion' [T], 'vb' [T] indexed by timestep (see `likelihood.rate_distortion`)."""
+    count = float(sums["count"])
+    if count <= 0:
+        raise ValueError("bits/dim: no evaluation examples")
+    mean = {k: np.asarray(v, np.float64) / count for k, v in sums.items() if k != "count"}
+    rd = likelihood.rate_distortion(
+        {
+            "vb": mean["vb"][None],
+            "prior_bpd": mean["prior_bpd"][None],
+            "x0_mse": mean["x0_mse"][None],
+        }
+    )
+    rate, distortion = np.asarray(rd["rate"], np.float64), np.asarray(rd["distortion"], np.float64)
+    return {
+        "bpd": float(mean["total_bpd"]),
+        "bpd_prior": float(mean["prior_bpd"]),
+        "bpd_rate": float(rate[0]),
+        "bpd_distortion": float(mean["vb"][0]),
+        "rmse": float(distortion[0]),
+        "count": int(round(count)),
+        "rate": rate,
+        "distortion": distortion,
+        "vb": mean["vb"],
+    }
+
+
+def compute_bpd(
+    bpd_fn: Callable[..., dict[str, jax.Array]],
+    params: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    mesh: Mesh,
+    key: jax.Array,
+) -> dict[str, Any]:
+    """Bits/dim over `batches` (from `base.padded_batches`: image, label, mask), one fresh
+    key per batch (fold_in of `key`); returns `summarize_bpd` of the summed results."""
+    total = None
+    for i, batch in enumerate(batches):
+        g = distributed.global_batch(batch, mesh)
+        sums = bpd_fn(params, g["image"], g["label"], g["mask"], jax.random.fold_in(key, i))
+        sums = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(sums))
+        total = sums if total is None else jax.tree.map(np.add, total, sums)
+        logs.log(
+            f"  bits/dim: {int(total['count'])} examples, running mean "
+            f"{total['total_bpd'] / max(total['count'], 1):.4f}"
+        )
+    if total is None:
+        raise ValueError("bits/dim: the evaluation split yielded no examples")
+    return summarize_bpd(total)
+
+
+def eval_batches(
+    config: ml_collections.ConfigDict, num_examples: int
+) -> Iterable[dict[str, np.ndarray]]:
+    """This host's share of the first `num_examples` images of `data.eval_split`, padded to
+    one fixed local batch (`eval.batch_size` global) with a mask."""
+    local = base.local_batch_size(int(config.eval.batch_size))
+    batches = input_pipeline.create_eval_arrays(
+        config,
+        config.data.eval_split,
+        num_examples,
+        batch_size=local,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return base.padded_batches(batches, local, generation.sample_shape(config, 1)[1:])
+
+
+class BitsPerDim:
+    """Evaluator 'bpd': the variational bound and rate/distortion (see the module doc)."""
+
+    def __init__(self, context: base.Context) -> None:
+        self.context = context
+        self._fn = None
+
+    def run(self, params: Any, step: int) -> dict[str, Any]:
+        ctx, c = self.context, self.context.config
+        self._fn = self._fn or make_bpd_fn(c, ctx.apply, ctx.mesh)
+        result = compute_bpd(
+            self._fn,
+            params,
+            eval_batches(c, c.eval.bpd_num_examples),
+            ctx.mesh,
+            generation.stream_key(c, base.BPD_STREAM),
+        )
+        record: dict[str, Any] = {
+            k: result[k] for k in ("bpd", "bpd_prior", "bpd_rate", "bpd_distortion", "rmse")
+        }
+        record["bpd_num_examples"] = result["count"]
+        if logs.is_chief():
+            buffer = io.BytesIO()
+            np.savez(buffer, **{k: result[k] for k in ("rate", "distortion", "vb")})
+            path = ctx.eval_dir / f"rate_distortion_{step:08d}.npz"
+            checkpoint.write_atomic(path, buffer.getvalue())
+            record["pictures"] = {
+                "rate_distortion": visualize.rate_distortion_image(
+                    result["rate"], result["distortion"]
+                )
+            }
+        return record

@@ -1,0 +1,176 @@
+"""FID (Heusel et al. 2017) and Inception Score (Salimans et al. 2016), evaluator 'fid'.
+
+`eval.num_samples` samples, drawn with the configured sampler into resumable shards
+`DIR/eval/samples/<step>/` (`base.EvalSamples`), against the Inception statistics
+of `eval.fid_split` (the training set, DDPM §5), computed once and cached as a pytorch-fid /
+TTUR `.npz` (or read from `eval.fid_stats`); the IS over `eval.is_splits` splits. The IS
+logits are pool3 @ W without the fc bias (`eval.is_logits_bias = False`): the original
+improved-gan code multiplies pool3 by the `softmax/logits/MatMul` weight alone, and
+torch-fidelity / torchmetrics follow it. Without the Inception weights FID and IS are
+skipped with a one-line notice. Inception features are the chief's work.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from diffusion_jax import checkpoint, distributed, input_pipeline, logs, sample
+from diffusion_jax.evaluation import base
+from diffusion_jax.metrics import fid, inception
+
+# [B, H, W, 3] uint8 NHWC -> (pool3 [B, D], logits [B, K]), host numpy in and out.
+FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """[B, H, W, C] -> [B, H, W, 3]: grey (C = 1) is tiled, as the Inception expects RGB."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def load_feature_fn(config: ml_collections.ConfigDict) -> tuple[FeatureFn | None, str]:
+    """The FID Inception on this host's devices, or (None, reason) without the weights
+    (`eval.inception_weights`, the cache, or a download unless DIFFUSION_JAX_OFFLINE)."""
+    explicit = config.eval.inception_weights
+    try:
+        path = inception.inception_weights_path(explicit)
+    except inception.InceptionWeightsUnavailable as e:
+        where = explicit or inception.default_cache_dir() / inception.FID_WEIGHTS_FILENAME
+        return None, (
+            f"{str(e).splitlines()[0].rstrip('.')}; put {inception.FID_WEIGHTS_FILENAME} at "
+            f"{where} or set --config.eval.inception_weights=PATH"
+        )
+    mesh = distributed.make_mesh(jax.local_devices())
+    params = inception.load_inception_params(path)
+    return inception.make_feature_fn(params, mesh, logits_bias=bool(config.eval.is_logits_bias)), ""
+
+
+def extract_features(
+    feature_fn: FeatureFn, images: Iterable[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated (pool3 [N, D], logits [N, K]) of uint8 NHWC batches (grey tiled to RGB).
+
+    Smaller batches (the last one) are zero-padded to the first batch's size, so the feature
+    function sees one shape and compiles once; the padding's features are dropped.
+    """
+    pools, logits, size = [], [], None
+    for batch in images:
+        batch = to_rgb(np.asarray(batch))
+        n = len(batch)
+        size = size or n
+        if n < size:
+            batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
+        p, lg = feature_fn(batch)
+        pools.append(np.asarray(p)[:n])
+        logits.append(np.asarray(lg)[:n])
+    if not pools:
+        raise ValueError("no images to extract Inception features from")
+    return np.concatenate(pools), np.concatenate(logits)
+
+
+def reference_stats_path(config: ml_collections.ConfigDict) -> epath.Path:
+    """`eval.fid_stats` if set, else the cache file
+    `$DIFFUSION_JAX_CACHE/fid_stats/fid_stats_<data>_<split>_<size>[_n<N>].npz`."""
+    if config.eval.fid_stats:
+        return epath.Path(config.eval.fid_stats)
+    n = int(config.eval.fid_reference_examples)
+    name = f"fid_stats_{config.data.name}_{config.eval.fid_split}_{config.data.image_size}"
+    name += f"_n{n}.npz" if n > 0 else ".npz"
+    return epath.Path(inception.default_cache_dir()) / "fid_stats" / name
+
+
+def reference_statistics(
+    config: ml_collections.ConfigDict, feature_fn: FeatureFn
+) -> tuple[np.ndarray, np.ndarray, epath.Path]:
+    """(mu [D], sigma [D, D], path) of the FID reference set: read from `eval.fid_stats` or
+    the cache, else computed from the images of `eval.fid_split` and cached in the
+    pytorch-fid/TTUR npz format (chief only)."""
+    path = reference_stats_path(config)
+    if path.exists():
+        with path.open("rb") as f:
+            mu, sigma = fid.load_statistics(f)
+        return mu, sigma, path
+    if config.eval.fid_stats:
+        raise FileNotFoundError(f"config.eval.fid_stats={config.eval.fid_stats!r}: no such file")
+    split = config.eval.fid_split
+    logs.log(f"  computing FID reference statistics of {config.data.name}/{split} -> {path}")
+    batches = input_pipeline.create_eval_arrays(
+        config, split, config.eval.fid_reference_examples, batch_size=config.eval.batch_size
+    )
+    pool3, _ = extract_features(feature_fn, (b["image"] for b in batches))
+    mu, sigma = fid.compute_statistics(pool3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fid.save_statistics(buffer, mu, sigma)
+    checkpoint.write_atomic(path, buffer.getvalue())
+    return mu, sigma, path
+
+
+def fid_and_inception_score(
+    config: ml_collections.ConfigDict,
+    feature_fn: FeatureFn,
+    images: Iterable[np.ndarray],
+    reference: tuple[np.ndarray, np.ndarray],
+) -> dict[str, float]:
+    """FID of batches of uint8 NHWC `images` against `reference` (mu, sigma), and their
+    Inception Score over `eval.is_splits` splits."""
+    pool3, logits = extract_features(feature_fn, images)
+    mu, sigma = fid.compute_statistics(pool3)
+    is_mean, is_std = fid.inception_score(logits, splits=int(config.eval.is_splits))
+    return {
+        "fid": fid.frechet_distance(mu, sigma, *reference),
+        "is": is_mean,
+        "is_std": is_std,
+        "fid_num_samples": len(pool3),
+    }
+
+
+class FidInceptionScore:
+    """Evaluator 'fid'. `feature_fn` (uint8 NHWC RGB -> (pool3, logits)) replaces the FID
+    Inception, e.g. in tests; None loads the Inception."""
+
+    def __init__(self, context: base.Context, feature_fn: FeatureFn | None = None) -> None:
+        self.context = context
+        self._feature_fn = feature_fn
+        self.samples = base.EvalSamples(context)
+
+    @functools.cached_property
+    def setup(self) -> tuple[FeatureFn | None, tuple[np.ndarray, np.ndarray] | None, str]:
+        """(feature_fn, reference (mu, sigma), skip reason); the same decision on all hosts."""
+        config = self.context.config
+        feature_fn, reason = self._feature_fn, ""
+        if int(config.eval.num_samples) <= 0:
+            reason = "eval.num_samples = 0"
+        elif feature_fn is None and logs.is_chief():
+            feature_fn, reason = load_feature_fn(config)
+        available = bool(feature_fn is not None and not reason)
+        if jax.process_count() > 1:
+            available = bool(multihost_utils.broadcast_one_to_all(np.int32(available)))
+        if not available:
+            logs.log(f"FID/IS skipped: {reason or 'no Inception features on the chief'}")
+            return None, None, reason or "unavailable"
+        reference = None
+        if logs.is_chief():
+            mu, sigma, path = reference_statistics(config, feature_fn)
+            logs.log(f"FID reference statistics: {path}")
+            reference = (mu, sigma)
+        return feature_fn, reference, ""
+
+    def run(self, params: Any, step: int) -> dict[str, Any]:
+        feature_fn, reference, reason = self.setup
+        if reason:
+            return {"fid": None, "is": None, "is_std": None, "fid_skipped": reason}
+        directory = self.samples.draw(params, step)
+        if not logs.is_chief():
+            return {}
+        images = sample.iter_samples(directory, self.samples.num_samples)
+        scores = fid_and_inception_score(self.context.config, feature_fn, images, reference)
+        return {**scores, **self.samples.settings()}

@@ -1,0 +1,139 @@
+"""Pictures of a checkpoint (DDPM §4): the sample grid and the progressive generation strip
+(x0_hat along the chain, Fig. 6), evaluator 'samples'; the latent interpolation grid (§4.4,
+Fig. 8), evaluator 'interpolation'."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from diffusion_jax import (
+    distributed,
+    generation,
+    input_pipeline,
+    logs,
+    sampling,
+    schedules,
+    visualize,
+)
+from diffusion_jax.evaluation import base
+
+
+def progressive_strip(snapshots: np.ndarray, rows: int) -> tuple[np.ndarray, int]:
+    """Snapshots [S, B, H, W, C] (noisy -> clean) -> (images [rows * S, H, W, C], S): row r
+    is example r's x0_hat along the chain (DDPM Fig. 6)."""
+    s = snapshots.shape[0]
+    strip = np.swapaxes(np.asarray(snapshots)[:, :rows], 0, 1)
+    return strip.reshape((-1, *snapshots.shape[2:])), s
+
+
+def interpolation_grid(
+    x_a: np.ndarray, x_b: np.ndarray, decoded: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Sources [P, H, W, C] and decoded mixtures [L, P, H, W, C] -> (images, L + 2): row p is
+    x_a[p], the mixtures for lambda = 0 .. 1, then x_b[p] (DDPM Fig. 8)."""
+    rows = np.concatenate([x_a[None], np.asarray(decoded), x_b[None]], axis=0)
+    return np.swapaxes(rows, 0, 1).reshape((-1, *x_a.shape[1:])), rows.shape[0]
+
+
+def snapshot_every(chain_length: int, num_snapshots: int) -> int:
+    """Spacing that puts `num_snapshots` snapshots from about T - 1 down to 0."""
+    return max(1, (chain_length - 1) // max(num_snapshots - 1, 1))
+
+
+def make_interpolation_fn(
+    config: ml_collections.ConfigDict, apply: Callable[..., jax.Array]
+) -> Callable[..., jax.Array]:
+    """Jitted `(params, x_a, x_b [P, H, W, C], labels [P], key) -> [L, P, H, W, C]`: DDPM
+    §4.4 on the full chain from timestep `eval.interpolation_t` with L =
+    `eval.interpolation_lambdas` evenly spaced lambdas in [0, 1]. It runs where its inputs
+    are (one device: the batch is small and need not divide the device count)."""
+    diffusion = schedules.diffusion_from_config(config.diffusion)
+    t_index = min(int(config.eval.interpolation_t), diffusion.num_timesteps - 1)
+    lambdas = np.linspace(0.0, 1.0, int(config.eval.interpolation_lambdas))
+
+    def run(params, x_a, x_b, labels, key):
+        tiled = jnp.tile(labels, len(lambdas)) if config.model.num_classes else None
+        fn = generation.denoise_fn(config, apply, params, tiled)
+        return sampling.interpolate(
+            diffusion, fn, x_a, x_b, lambdas, t_index, key, config.sampling.clip_denoised
+        )
+
+    return jax.jit(run, compiler_options=distributed.compiler_options())
+
+
+class Samples:
+    """Evaluator 'samples': `eval.grid_num` samples as a grid ('samples'), and for images the
+    progressive strip of the first `eval.progressive_rows` of them ('progressive'), from one
+    sampling run with the configured sampler."""
+
+    def __init__(self, context: base.Context) -> None:
+        self.context = context
+        c = context.config
+        rows = max(int(c.eval.grid_num), int(c.eval.progressive_rows))
+        self.batch = base.round_up_to_devices(rows)
+        self._sampler = None
+
+    def _make_sampler(self) -> Callable[..., dict[str, jax.Array]]:
+        ctx, c = self.context, self.context.config
+        steps = generation.sampler_steps(c, c.sampling.respacing)
+        every = snapshot_every(steps, int(c.eval.progressive_steps))
+        return generation.make_sampler(
+            c, ctx.apply, ctx.mesh, self.batch, c.sampling.respacing, snapshot_every=every
+        )
+
+    def run(self, params: Any, step: int) -> dict[str, Any]:
+        c = self.context.config
+        self._sampler = self._sampler or self._make_sampler()
+        labels = generation.default_labels(c, self.batch)
+        out = self._sampler(params, generation.stream_key(c, base.GRID_STREAM), labels)
+        samples = multihost_utils.process_allgather(out["sample"], tiled=True)
+        snapshots = multihost_utils.process_allgather(out["snapshots"], tiled=True)
+        if not logs.is_chief():
+            return {}
+        samples = np.asarray(samples)[: int(c.eval.grid_num)]
+        pictures = {"samples": visualize.picture(samples, input_pipeline.reference_points(c))}
+        if input_pipeline.is_image_data(c):
+            images, ncol = progressive_strip(np.asarray(snapshots), int(c.eval.progressive_rows))
+            pictures["progressive"] = visualize.grid_image(images, ncol=ncol)
+        return {"pictures": pictures}
+
+
+class Interpolation:
+    """Evaluator 'interpolation': the first 2P test images interpolated pairwise in latent
+    space (chief only, one device), P = `eval.interpolation_pairs`."""
+
+    def __init__(self, context: base.Context) -> None:
+        self.context = context
+        self._fn = None
+
+    def run(self, params: Any, step: int) -> dict[str, Any]:
+        if not logs.is_chief():
+            return {}
+        ctx, c = self.context, self.context.config
+        self._fn = self._fn or make_interpolation_fn(c, ctx.apply)
+        pairs = int(c.eval.interpolation_pairs)
+        batches = input_pipeline.create_eval_arrays(
+            c, c.data.eval_split, 2 * pairs, batch_size=2 * pairs
+        )
+        batch = next(iter(batches))
+        if len(batch["label"]) < 2 * pairs:
+            raise ValueError(f"eval.interpolation_pairs={pairs} needs {2 * pairs} test images")
+        x = input_pipeline.to_model_range(batch["image"])
+        x_a, x_b = x[:pairs], x[pairs:]
+        local_params = jax.tree.map(lambda a: a.addressable_data(0), params)
+        decoded = self._fn(
+            local_params,
+            x_a,
+            x_b,
+            batch["label"][:pairs],
+            generation.stream_key(c, base.INTERP_STREAM),
+        )
+        images, ncol = interpolation_grid(x_a, x_b, np.asarray(decoded))
+        return {"pictures": {"interpolation": visualize.grid_image(images, ncol=ncol)}}

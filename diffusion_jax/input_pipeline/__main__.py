@@ -1,0 +1,8 @@
+"""`python -m diffusion_jax.input_pipeline --prepare NAME ...`: see `prepare`."""
+
+import sys
+
+from diffusion_jax.input_pipeline.prepare import main
+
+if __name__ == "__main__":
+    sys.exit(main())
