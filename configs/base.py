@@ -66,6 +66,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.checkpoint_every = 10_000
     training.keep = 3  # most recent checkpoints kept
     training.keep_every = 50_000  # and every K-th step kept for evaluation
+    # At the end: this many samples (configured sampler, EMA) -> samples/final.png and, where
+    # the project has a metric for the data (digits, swiss roll), their quality. 0 = off.
+    training.final_samples = 64
 
     config.sampling = sampling = ml_collections.ConfigDict()
     # ancestral | ddim (the chain) | dpm_solver++ | dpm_solver | heun (ODE solvers, solvers.py)

@@ -49,6 +49,7 @@ def get_config():
     config.training.sample_every = 1000
     config.training.checkpoint_every = 1000
     config.training.keep_every = 2000
+    config.training.final_samples = 256  # about 50 s of the 1000-step chain on 2 cores
 
     config.sampling.preview_respacing = "100"
     config.sampling.preview_num = 64

@@ -28,6 +28,7 @@ def get_config():
     config.training.sample_every = 2000
     config.training.checkpoint_every = 2000
     config.training.keep_every = 0
+    config.training.final_samples = 2048
 
     config.sampling.preview_respacing = ""  # the full 100-step chain
     config.sampling.preview_num = 1024

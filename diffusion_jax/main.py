@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow (clu's writers, tf.data) prints oneDNN and absl start-up notices otherwise.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # Config files import `configs.base`; make the repository root importable from anywhere.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,6 +29,10 @@ flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def config_path() -> str:
+    return config_flags.get_config_filename(FLAGS["config"])
+
+
 def run(mode: str, config, workdir: str) -> None:
     import jax
 
@@ -38,6 +44,14 @@ def run(mode: str, config, workdir: str) -> None:
         from diffusion_jax import train
 
         train.train_and_evaluate(config, workdir)
+        if jax.process_index() == 0:
+            base = f"python -m diffusion_jax.main --config {config_path()} --workdir {workdir}"
+            print(
+                f"Next:\n  {base} --mode eval --config.eval.once=True\n"
+                f"  {base} --mode sample --config.sampling.method=dpm_solver++ "
+                "--config.sampling.num_steps=20",
+                flush=True,
+            )
     elif mode == "eval":
         from diffusion_jax.evaluation import job
 
@@ -61,7 +75,7 @@ def main(argv) -> None:
         config = FLAGS.config
         config.keys()  # a config file that failed to load raises here, on first use
     except (OSError, SyntaxError, AttributeError, ImportError) as e:
-        path = config_flags.get_config_filename(FLAGS["config"])
+        path = config_path()
         reason = "no such file" if not os.path.isfile(path) else f"{type(e).__name__}: {e}"
         print(f"error: cannot load --config {path}: {reason.splitlines()[0]}", file=sys.stderr)
         sys.exit(1)

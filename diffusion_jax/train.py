@@ -36,6 +36,7 @@ from diffusion_jax import (
     visualize,
 )
 from diffusion_jax import state as state_lib
+from diffusion_jax.evaluation import quality
 
 
 class NonFiniteLossError(RuntimeError):
@@ -311,7 +312,37 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     writer.flush()
     if hasattr(data, "close"):
         data.close()
+    if not stop and config.training.final_samples:
+        _final_report(config, apply, mesh, state, workdir)
     return state
+
+
+def _final_report(config, apply, mesh, state, workdir: epath.Path) -> None:
+    """The end of a run: `training.final_samples` samples from the EMA parameters with the
+    configured sampler, their grid (`samples/final.png`), and their quality with its
+    real-data floor where the project has a metric for the data."""
+    num = -(-int(config.training.final_samples) // jax.device_count()) * jax.device_count()
+    draw = generation.make_sampler(config, apply, mesh, num, config.sampling.respacing)
+    nfe = generation.sampler_nfe(config, config.sampling.respacing)
+    logs.log(f"Drawing {num} final samples ({config.sampling.method}, {nfe} NFE each) ...")
+    labels = generation.default_labels(config, num)
+    out = draw(state.ema_params, generation.stream_key(config, _FINAL_STREAM), labels)
+    samples = np.asarray(multihost_utils.process_allgather(out["sample"], tiled=True))
+    if not logs.is_chief():
+        return
+    if input_pipeline.is_image_data(config):
+        samples = input_pipeline.to_data_levels(samples, int(config.data.levels))
+    path = workdir / "samples" / "final.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = samples[: int(config.eval.grid_num)] if samples.ndim == 4 else samples
+    visualize.save_png(visualize.picture(grid, input_pipeline.reference_points(config)), path)
+    if config.data.name in quality.HEADLINE:
+        print(f"Sample quality of {num}: {quality.summary(quality.score(samples))}")
+    print(f"Final samples: {path}\nCheckpoints: {workdir / 'checkpoints'}", flush=True)
+
+
+# The random stream of the final samples (generation.stream_key), apart from the eval job's.
+_FINAL_STREAM = 6
 
 
 def _check_finite(state: state_lib.TrainState, workdir: epath.Path, last_good: int | None) -> None:

@@ -32,6 +32,7 @@ MLP_FLAGS = [
     "--config.diffusion.timestep_sampler=loss_aware",
     "--config.training.warmup_steps=2",
     "--config.training.sample_every=0",
+    "--config.training.final_samples=0",
     "--config.training.log_every=1000",
     "--config.training.checkpoint_every=2",
 ]

@@ -41,6 +41,7 @@ def tiny_config():
     c.training.log_every = 1
     c.training.checkpoint_every = 1
     c.training.sample_every = 0
+    c.training.final_samples = 0
     c.training.keep = 3
     c.training.keep_every = 0
     c.sampling.batch_size = 16
@@ -294,7 +295,7 @@ def test_picture_layouts():
     assert pictures.snapshot_every(1000, 10) == 111 and pictures.snapshot_every(20, 5) == 4
 
 
-def test_class_conditional_model_trains_with_label_dropout_and_samples_guided(tmp_path):
+def test_class_conditional_model_trains_with_label_dropout_and_samples_guided(tmp_path, capsys):
     """A conditional network end to end: label dropout trains the null class, and the
     evaluation's sampler and --mode sample use classifier-free guidance with cycling labels."""
     from diffusion_jax import train  # the training loop itself, as main.py runs it
@@ -307,8 +308,13 @@ def test_class_conditional_model_trains_with_label_dropout_and_samples_guided(tm
     config.sampling.guidance_scale = 2.0
     config.sampling.num_samples = 16
     config.eval.evaluators = ("samples", "bpd")
+    config.training.final_samples = 40
     workdir = tmp_path / "conditional"
     state = train.train_and_evaluate(config, workdir)
+    # The run ends with its final grid and the quality of those samples beside the real floor.
+    out = capsys.readouterr().out
+    assert (workdir / "samples" / "final.png").exists() and "Final samples:" in out
+    assert "Sample quality of 40: digits FD" in out and "real held-out digits" in out
 
     # The null class (row num_classes) is only ever seen through dropped labels.
     init = state_lib.init_train_state(config)[2].params.to_pure_dict()["class_embed"]["embedding"]

@@ -35,6 +35,7 @@ def _shrink(config, overrides):
     config.training.batch_size = 16
     config.training.warmup_steps = 2
     config.training.sample_every = 0
+    config.training.final_samples = 0
     config.training.log_every = 1000
     config.data.prefetch = 0
     for dotted, value in overrides.items():
@@ -294,6 +295,7 @@ def cli(workdir, *overrides, env=None, devices=1, config="digits"):
         "--config.training.batch_size=16",
         "--config.data.prefetch=0",
         *(["--config.model.ch=8", "--config.model.num_groups=4"] if config == "digits" else []),
+        "--config.training.final_samples=0",
         *overrides,
     ]
     return subprocess.Popen(
@@ -314,10 +316,16 @@ def test_cli_trains_the_embedded_default_and_writes_its_outputs(tmp_path):
         "--config.training.sample_every=60",
         "--config.sampling.preview_respacing=5",
         "--config.sampling.preview_num=16",
+        "--config.training.final_samples=16",
     )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "step 60/60" in out and "img/s" in out and "ETA" in out
+    # It ends with the final grid, its quality beside the real floor, and what to run next.
+    assert (tmp_path / "samples" / "final.png").exists()
+    assert "Sample quality of 16: digits FD" in out and "real held-out digits" in out
+    assert "--mode eval" in out and "--mode sample" in out
+    assert "oneDNN" not in out and "Traceback" not in out
     assert (tmp_path / "checkpoints" / "60").is_dir()
     assert list(tmp_path.glob("events.out.tfevents.*"))
     png = tmp_path / "samples" / "step_00000060.png"

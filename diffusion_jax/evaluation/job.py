@@ -118,8 +118,14 @@ def format_record(record: dict[str, Any]) -> str:
         ("bpd", ".4f"),
         ("bpd_rate", ".3f"),
         ("bpd_distortion", ".3f"),
+        ("ode_bpd", ".4f"),
         ("fid", ".2f"),
         ("is", ".2f"),
+        ("digits_fd", ".2f"),
+        ("digits_fd_floor", ".2f"),
+        ("digits_c2st", ".3f"),
+        ("swissroll_energy", ".4f"),
+        ("swissroll_energy_floor", ".4f"),
     ):
         if record.get(key) is not None:
             parts.append(f"{key} {record[key]:{fmt}}")

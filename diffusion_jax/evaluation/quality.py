@@ -48,14 +48,15 @@ def score(samples: np.ndarray) -> dict[str, float]:
 
 
 def summary(result: dict[str, Any]) -> str:
-    """'digits FD 9.1 (real held-out digits: 8.3), IS 9.4 (real 9.7), 10 classes'."""
+    """One line: the headline numbers, each beside its real-data value."""
     if "digits_fd" in result:
         return (
             f"digits FD {result['digits_fd']:.2f} (real held-out digits: "
             f"{result['digits_fd_floor']:.2f}), classifier IS {result['digits_is']:.2f} (real "
             f"{result['digits_is_real']:.2f}), confidence {result['digits_confidence']:.3f} "
             f"(real {result['digits_confidence_real']:.3f}), "
-            f"{int(result['digits_classes'])}/10 classes"
+            f"{int(result['digits_classes'])}/10 classes, two-sample test "
+            f"{result['digits_c2st']:.3f} (real {result['digits_c2st_floor']:.3f})"
         )
     return (
         f"swiss-roll energy distance {result['swissroll_energy']:.4f} (fresh data: "

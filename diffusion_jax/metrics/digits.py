@@ -358,8 +358,10 @@ def sample_quality(
 
     Returns floats keyed ``digits_fd``, ``digits_fd_floor``, ``digits_fd_size``, ``digits_is``,
     ``digits_is_real``, ``digits_confidence``, ``digits_confidence_real``, ``digits_classes``,
-    ``digits_classes_real``, ``digits_class_frac_0`` .. ``digits_class_frac_9`` and
-    ``digits_classifier_accuracy``. Writes nothing but the classifier cache (on a miss).
+    ``digits_classes_real``, ``digits_class_frac_0`` .. ``digits_class_frac_9``,
+    ``digits_classifier_accuracy``, and the two-sample test ``digits_c2st`` (samples against
+    the reference digits) with its floor ``digits_c2st_floor`` (held-out digits against them).
+    Writes nothing but the classifier cache (on a miss).
     """
     from threadpoolctl import threadpool_limits
 
@@ -396,4 +398,26 @@ def _sample_quality(
     counts = np.bincount(sample_logits.argmax(axis=1), minlength=NUM_CLASSES)
     out.update({f"digits_class_frac_{k}": float(counts[k] / n) for k in range(NUM_CLASSES)})
     out["digits_classifier_accuracy"] = float((real_logits.argmax(axis=1) == real_labels).mean())
+    out["digits_c2st"] = two_sample_accuracy(images, split.reference_images)
+    out["digits_c2st_floor"] = two_sample_accuracy(split.floor_images, split.reference_images)
     return out
+
+
+def two_sample_accuracy(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
+    """A two-sample classifier test on pixels: the 5-fold cross-validated accuracy of a
+    logistic regression telling images `a` from images `b` (uint8 [N, 8, 8, 1]), on equally
+    many of each (the first min(len) >= 2 of a fixed shuffle; fewer folds below 5 each).
+    0.5 means indistinguishable.
+
+    Unlike the Frechet distance in the classifier's features, which sees shapes, this sees the
+    pixels themselves: noisy backgrounds, off-grid grey levels, blurred strokes."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    rng = np.random.default_rng(seed)
+    n = min(len(a), len(b))
+    x = [_to_inputs(v)[rng.permutation(len(v))[:n]] for v in (a, b)]
+    y = np.r_[np.zeros(n), np.ones(n)]
+    folds = StratifiedKFold(min(5, n), shuffle=True, random_state=seed)
+    clf = LogisticRegression(max_iter=2000)
+    return float(np.mean(cross_val_score(clf, np.concatenate(x), y, cv=folds)))
