@@ -267,3 +267,35 @@ def test_two_sample_test_tells_pixels_apart(split: digits.DigitsSplit) -> None:
     assert abs(floor - 0.5) < 0.06
     assert gauss > 0.7 and speckled > 0.7, (gauss, speckled)
     assert digits.two_sample_accuracy(split.floor_images, split.reference_images) == floor
+
+
+@pytest.mark.slow
+def test_a_trained_tiny_model_beats_the_gaussian_baseline(tmp_path: Path, cache_dir: Path) -> None:
+    """800 steps of a small digits U-Net (about 30 s), 400 samples of DPM-Solver++ at 20 NFE,
+    stored on the data's grey levels: closer to real digits than the moment-matched Gaussian
+    by every number of the metric (measured FD 13.5 vs 43, two-sample 0.59 vs 0.70)."""
+    import jax
+
+    from configs.digits import get_config
+    from diffusion_jax import distributed, generation, input_pipeline, train
+    from diffusion_jax import state as state_lib
+
+    c = get_config()
+    c.model.ch, c.model.num_groups = 16, 4
+    c.training.num_train_steps, c.training.ema_decay = 800, 0.99
+    c.training.sample_every = c.training.final_samples = 0
+    c.training.log_every, c.training.checkpoint_every, c.data.prefetch = 1000, 10_000, 0
+    c.sampling.method, c.sampling.num_steps = "dpm_solver++", 20
+    state = train.train_and_evaluate(c, str(tmp_path / "run"))
+    mesh = distributed.make_mesh()
+    graphdef, rest, _ = state_lib.abstract_train_state(c, mesh)
+    draw = generation.make_sampler(c, generation.model_apply(graphdef, rest), mesh, 400, "")
+    out = draw(state.ema_params, jax.random.PRNGKey(0), generation.default_labels(c, 400))
+    samples = input_pipeline.to_data_levels(np.asarray(out["sample"]), c.data.levels)
+
+    model = digits.sample_quality(samples, cache_dir)
+    gauss = digits.sample_quality(_gaussian_digits(digits.load_digits_split(), 400), cache_dir)
+    assert model["digits_fd"] < 0.5 * gauss["digits_fd"], (model["digits_fd"], gauss["digits_fd"])
+    assert model["digits_is"] > gauss["digits_is"] + 0.5
+    assert model["digits_confidence"] > gauss["digits_confidence"]
+    assert model["digits_c2st"] < gauss["digits_c2st"] - 0.05

@@ -16,15 +16,25 @@ Each is built as `cls(context, **options)` and called as `run(params, step) -> d
 
 from __future__ import annotations
 
-from diffusion_jax.evaluation import bpd, fid, ode_bpd, pictures, quality
+import importlib
 
+# name -> "module.Class" in this package, imported on first use (so that
+# `python -m diffusion_jax.evaluation.quality` does not import itself twice).
 EVALUATORS = {
-    "bpd": bpd.BitsPerDim,
-    "ode_bpd": ode_bpd.OdeBitsPerDim,
-    "samples": pictures.Samples,
-    "interpolation": pictures.Interpolation,
-    "fid": fid.FidInceptionScore,
-    "quality": quality.SampleQuality,
+    "bpd": "bpd.BitsPerDim",
+    "ode_bpd": "ode_bpd.OdeBitsPerDim",
+    "samples": "pictures.Samples",
+    "interpolation": "pictures.Interpolation",
+    "fid": "fid.FidInceptionScore",
+    "quality": "quality.SampleQuality",
 }
 # Evaluators that need image data (not the 2-D swiss roll).
 IMAGE_EVALUATORS = ("bpd", "ode_bpd", "interpolation", "fid")
+
+
+def evaluator_class(name: str) -> type:
+    """The evaluator class registered as `name` (ValueError naming the allowed ones)."""
+    if name not in EVALUATORS:
+        raise ValueError(f"evaluator {name!r}; allowed: {', '.join(EVALUATORS)}")
+    module, cls = EVALUATORS[name].split(".")
+    return getattr(importlib.import_module(f"diffusion_jax.evaluation.{module}"), cls)

@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import generation, logs, sample
+from diffusion_jax import distributed, generation, logs, sample
 
 # Independent random streams below the seed (fold_in), the same for every checkpoint.
 # (sample.SAMPLES_STREAM = 1 draws the sample shards.)
@@ -59,6 +60,56 @@ def with_precision(apply: Callable[..., jax.Array], precision: str) -> Callable[
             return apply(*args, **kwargs)
 
     return precise
+
+
+def make_masked_sums_fn(
+    per_example: Callable[..., dict[str, jax.Array]], mesh: Mesh
+) -> Callable[..., dict[str, jax.Array]]:
+    """Jitted `(params, image [B, ...], label [B], mask [B], key) -> sums` with the batch
+    sharded over `mesh`: 'count' and, for each [B, ...] output of `per_example(params, image,
+    label, key)`, its sum over the unmasked examples (replicated)."""
+
+    def run(params, image, label, mask, key):
+        out = per_example(params, image, label, key)
+        # Elementwise products, not `mask @ x`: TPU/GPU matmuls may run float32 in bf16/TF32.
+        sums = {
+            k: jnp.sum(mask.reshape((-1,) + (1,) * (v.ndim - 1)) * v, axis=0)
+            for k, v in out.items()
+        }
+        return {"count": jnp.sum(mask), **sums}
+
+    sharded, repl = distributed.batch_sharded(mesh), distributed.replicated(mesh)
+    return jax.jit(
+        run,
+        in_shardings=(repl, sharded, sharded, sharded, repl),
+        out_shardings=repl,
+        compiler_options=distributed.compiler_options(mesh),
+    )
+
+
+def sum_over_batches(
+    sums_fn: Callable[..., dict[str, jax.Array]],
+    params: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    mesh: Mesh,
+    key: jax.Array,
+    name: str,
+    mean_of: str,
+) -> dict[str, np.ndarray]:
+    """The float64 totals of `sums_fn` (from `make_masked_sums_fn`; floats, arrays for
+    curves) over `batches` (from `padded_batches`), one fresh key per batch (fold_in of
+    `key`), logging the running mean of `mean_of`. ValueError when there is no example."""
+    total = None
+    for i, batch in enumerate(batches):
+        g = distributed.global_batch(batch, mesh)
+        sums = sums_fn(params, g["image"], g["label"], g["mask"], jax.random.fold_in(key, i))
+        sums = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(sums))
+        total = sums if total is None else jax.tree.map(np.add, total, sums)
+        mean = total[mean_of] / max(total["count"], 1)
+        logs.log(f"  {name}: {int(total['count'])} examples, running mean {mean:.4f}")
+    if total is None or total["count"] <= 0:
+        raise ValueError(f"{name}: the evaluation split yielded no examples")
+    return {k: float(v) if v.ndim == 0 else v for k, v in total.items()}
 
 
 def local_batch_size(global_batch: int) -> int:

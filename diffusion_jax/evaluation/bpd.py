@@ -13,14 +13,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_jax import (
     checkpoint,
-    distributed,
     generation,
     input_pipeline,
     likelihood,
@@ -44,30 +42,18 @@ def make_bpd_fn(
     conditional = bool(config.model.num_classes)
     apply = base.with_precision(apply, config.eval.precision)
 
-    def run(params, image, label, mask, key):
-        x_start = input_pipeline.to_model_range(image)
+    def per_example(params, image, label, key):
         y = label if conditional else None
         out = likelihood.calc_bpd_loop(
             diffusion,
             lambda x_t, t: apply(params, x_t, t, y),
-            x_start,
+            input_pipeline.to_model_range(image),
             key,
             clip_denoised=config.sampling.clip_denoised,
         )
-        # Elementwise products, not `mask @ x`: TPU/GPU matmuls may run float32 in bf16/TF32.
-        sums = {
-            k: jnp.sum(mask.reshape((-1,) + (1,) * (out[k].ndim - 1)) * out[k], axis=0)
-            for k in ("total_bpd", "prior_bpd", "vb", "x0_mse")
-        }
-        return {"count": jnp.sum(mask), **sums}
+        return {k: out[k] for k in ("total_bpd", "prior_bpd", "vb", "x0_mse")}
 
-    sharded, repl = distributed.batch_sharded(mesh), distributed.replicated(mesh)
-    return jax.jit(
-        run,
-        in_shardings=(repl, sharded, sharded, sharded, repl),
-        out_shardings=repl,
-        compiler_options=distributed.compiler_options(mesh),
-    )
+    return base.make_masked_sums_fn(per_example, mesh)
 
 
 def summarize_bpd(sums: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -109,18 +95,7 @@ def compute_bpd(
 ) -> dict[str, Any]:
     """Bits/dim over `batches` (from `base.padded_batches`: image, label, mask), one fresh
     key per batch (fold_in of `key`); returns `summarize_bpd` of the summed results."""
-    total = None
-    for i, batch in enumerate(batches):
-        g = distributed.global_batch(batch, mesh)
-        sums = bpd_fn(params, g["image"], g["label"], g["mask"], jax.random.fold_in(key, i))
-        sums = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(sums))
-        total = sums if total is None else jax.tree.map(np.add, total, sums)
-        logs.log(
-            f"  bits/dim: {int(total['count'])} examples, running mean "
-            f"{total['total_bpd'] / max(total['count'], 1):.4f}"
-        )
-    if total is None:
-        raise ValueError("bits/dim: the evaluation split yielded no examples")
+    total = base.sum_over_batches(bpd_fn, params, batches, mesh, key, "bits/dim", "total_bpd")
     return summarize_bpd(total)
 
 

@@ -22,7 +22,7 @@ from etils import epath
 
 from diffusion_jax import checkpoint, config_checks, distributed, generation, logs, visualize
 from diffusion_jax import state as state_lib
-from diffusion_jax.evaluation import EVALUATORS, base
+from diffusion_jax.evaluation import base, evaluator_class
 
 
 def metrics_path(workdir: str | epath.Path) -> epath.Path:
@@ -81,7 +81,7 @@ class Job:
         self.eval_dir = context.eval_dir
         options = evaluator_options or {}
         self.evaluators = {
-            name: EVALUATORS[name](context, **options.get(name, {}))
+            name: evaluator_class(name)(context, **options.get(name, {}))
             for name in config.eval.evaluators
         }
         self.writer = logs.make_writer(self.eval_dir)

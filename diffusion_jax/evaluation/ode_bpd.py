@@ -17,15 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
 from diffusion_jax import (
     continuous_time,
-    distributed,
     generation,
-    logs,
     ode_likelihood,
     schedules,
 )
@@ -43,7 +40,7 @@ def make_ode_bpd_fn(
     conditional = bool(config.model.num_classes)
     apply = base.with_precision(apply, config.eval.precision)
 
-    def run(params, image, label, mask, key):
+    def per_example(params, image, label, key):
         y = label if conditional else None
         out = ode_likelihood.ode_bpd(
             vp,
@@ -57,19 +54,9 @@ def make_ode_bpd_fn(
             probe=c.ode_probe,
             num_probes=int(c.ode_num_probes),
         )
-        return {
-            "count": jnp.sum(mask),
-            "bpd": jnp.sum(mask * out["bpd"]),
-            "bpd_sq": jnp.sum(mask * out["bpd"] ** 2),
-        }
+        return {"bpd": out["bpd"], "bpd_sq": out["bpd"] ** 2}
 
-    sharded, repl = distributed.batch_sharded(mesh), distributed.replicated(mesh)
-    return jax.jit(
-        run,
-        in_shardings=(repl, sharded, sharded, sharded, repl),
-        out_shardings=repl,
-        compiler_options=distributed.compiler_options(mesh),
-    )
+    return base.make_masked_sums_fn(per_example, mesh)
 
 
 class OdeBitsPerDim:
@@ -82,24 +69,16 @@ class OdeBitsPerDim:
     def run(self, params: Any, step: int) -> dict[str, Any]:
         ctx, c = self.context, self.context.config
         self._fn = self._fn or make_ode_bpd_fn(c, ctx.apply, ctx.mesh)
+        batches = bpd.eval_batches(c, c.eval.bpd_num_examples)
         key = generation.stream_key(c, base.ODE_STREAM)
-        total = None
-        for i, batch in enumerate(bpd.eval_batches(c, c.eval.bpd_num_examples)):
-            g = distributed.global_batch(batch, ctx.mesh)
-            sums = self._fn(params, g["image"], g["label"], g["mask"], jax.random.fold_in(key, i))
-            sums = {k: float(v) for k, v in jax.device_get(sums).items()}
-            total = sums if total is None else {k: total[k] + v for k, v in sums.items()}
-            logs.log(
-                f"  ODE bits/dim: {int(total['count'])} examples, running mean "
-                f"{total['bpd'] / max(total['count'], 1):.4f}"
-            )
-        if total is None or total["count"] <= 0:
-            raise ValueError("ODE bits/dim: the evaluation split yielded no examples")
+        total = base.sum_over_batches(
+            self._fn, params, batches, ctx.mesh, key, "ODE bits/dim", "bpd"
+        )
         n = total["count"]
         mean = total["bpd"] / n
         var = max(total["bpd_sq"] / n - mean**2, 0.0) * n / max(n - 1, 1)
         return {
-            "ode_bpd": mean,
+            "ode_bpd": float(mean),
             "ode_bpd_se": math.sqrt(var / n),
             "ode_nfe": ode_likelihood.ode_nfe(int(c.eval.ode_num_steps), c.eval.ode_solver),
             "ode_num_examples": int(round(n)),
