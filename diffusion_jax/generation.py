@@ -124,7 +124,7 @@ def make_sampler(
     - 'dpm_solver++' | 'dpm_solver' | 'heun': `solvers.sample` with `sampling.num_steps`,
       `spacing`, `order`, `dpm_solver_variant`, `lower_order_final` (`respacing` is not used,
       so training previews run the configured solver too); `sampling.clip_denoised` clips
-      DPM-Solver++'s x0_hat.
+      every solver's x0_hat (and re-derives eps_hat from it), as the chain samplers do.
 
     Settings are checked first (`solvers.validate_sampling`). `snapshot_every` = k adds
     'snapshots' [S, B, ...] of x0_hat every k steps (`sampler_steps` counts them) and

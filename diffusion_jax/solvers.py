@@ -21,7 +21,7 @@ sample (`nfe`):
 Classifier-free guidance is a `DenoiseFn` (`sampling.classifier_free_guidance`): it doubles the
 batch of each network call, not the number of calls, so `nfe` does not count it. Model outputs
 eps, x0 and v are turned into (eps_hat, x0_hat) by `continuous_time.eps_and_x0_at`
-(learned-variance channels are dropped); `clip_denoised` clips DPM-Solver++'s x0_hat to
+(learned-variance channels are dropped); `clip_denoised` clips every solver's x0_hat to
 [-1, 1] (static thresholding). Multistep solvers use lower orders for the first steps (no
 history) and, with `lower_order_final`, for the last ones below 10 steps (reference code).
 Snapshots (`snapshot_every`) are x0_hat at the start of every k-th step, counted back from the
@@ -205,12 +205,19 @@ def _predict(
     t: jax.Array,
     alpha: jax.Array,
     sigma: jax.Array,
+    clip: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """(eps_hat, x0_hat) [B, ...] of the network at continuous time t [] (alpha_t, sigma_t
-    tabulated by `_grid`)."""
+    tabulated by `_grid`). With `clip` (`sampling.clip_denoised`), x0_hat is clipped to
+    [-1, 1] and eps_hat re-derived from it, as the chain samplers do (DDPM's official code;
+    DPM-Solver++'s static thresholding): every solver then sees the same clipped model."""
     steps = jnp.full(x.shape[:1], ct.model_timestep(vp, t), jnp.float32)
     out = denoise_fn(x, steps).astype(x.dtype)
-    return ct.eps_and_x0_at(model_output, out, x, alpha, sigma)
+    eps, x0 = ct.eps_and_x0_at(model_output, out, x, alpha, sigma)
+    if clip:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+        eps = (x - alpha * x0) / sigma
+    return eps, x0
 
 
 def _grid(vp: VPSchedule, t: np.ndarray) -> dict[str, np.ndarray]:
@@ -376,19 +383,19 @@ def dpm_solver_multistep(
     """Multistep DPM-Solver(++) from x_T [B, ...] at t = 1 to t_min = 1/N: one network call per
     step (NFE = num_steps), the update of each step from `_multistep_update`.
 
-    `algorithm` 'dpm_solver++' uses the data prediction x0_hat (clipped to [-1, 1] when
-    `clip_denoised`: static thresholding, Lu et al. 2022b §5), 'dpm_solver' the noise
-    prediction eps_hat. Returns {'sample': x_{t_min}} (+ 'snapshots' [S, B, ...] of x0_hat and
-    'snapshot_timesteps' [S] with `snapshot_every`)."""
+    `algorithm` 'dpm_solver++' uses the data prediction x0_hat, 'dpm_solver' the noise
+    prediction eps_hat (both from the clipped x0_hat with `clip_denoised`: static
+    thresholding, Lu et al. 2022b §5). Returns {'sample': x_{t_min}} (+ 'snapshots'
+    [S, B, ...] of x0_hat and 'snapshot_timesteps' [S] with `snapshot_every`)."""
     ts = time_steps(vp, num_steps, spacing)
     grid = _multistep_grid(vp, ts, multistep_orders(num_steps, order, lower_order_final))
     snap = _Snapshots(num_steps, snapshot_every, x_T.shape)
 
     def step(carry, c):
         x, m1, m2, j, buf = carry
-        eps, x0 = _predict(vp, denoise_fn, model_output, x, c["t_s"], c["alpha_s"], c["sigma_s"])
-        if clip_denoised and algorithm == "dpm_solver++":
-            x0 = jnp.clip(x0, -1.0, 1.0)
+        eps, x0 = _predict(
+            vp, denoise_fn, model_output, x, c["t_s"], c["alpha_s"], c["sigma_s"], clip_denoised
+        )
         m0 = x0 if algorithm == "dpm_solver++" else eps
         buf = snap.put(buf, num_steps - 1 - j, x0)
         x = _multistep_update(algorithm, x, (m0, m1, m2), c)
@@ -414,6 +421,7 @@ def dpm_solver_singlestep(
     order: int = 3,
     spacing: str = "logsnr",
     snapshot_every: int = 0,
+    clip_denoised: bool = False,
 ) -> dict[str, jax.Array]:
     """DPM-Solver-fast (Lu et al. 2022a Algorithms 1-2, §3.3) with noise prediction: outer
     steps of orders `singlestep_orders(num_steps, order)` (NFE = num_steps). With `logsnr`
@@ -465,7 +473,14 @@ def dpm_solver_singlestep(
 
     def eps_at(x, c, i):
         return _predict(
-            vp, denoise_fn, model_output, x, c[f"t_{i}"], c[f"alpha_{i}"], c[f"sigma_{i}"]
+            vp,
+            denoise_fn,
+            model_output,
+            x,
+            c[f"t_{i}"],
+            c[f"alpha_{i}"],
+            c[f"sigma_{i}"],
+            clip_denoised,
         )[0]
 
     def first(x, eps_s, c):
@@ -497,7 +512,9 @@ def dpm_solver_singlestep(
 
     def step(carry, c):
         x, buf = carry
-        eps_s, x0 = _predict(vp, denoise_fn, model_output, x, c["t_s"], c["alpha_s"], c["sigma_s"])
+        eps_s, x0 = _predict(
+            vp, denoise_fn, model_output, x, c["t_s"], c["alpha_s"], c["sigma_s"], clip_denoised
+        )
         buf = snap.put(buf, k - 1 - c["j"], x0)
         if len(branches) == 1:
             x = first(x, eps_s, c)
@@ -523,6 +540,7 @@ def heun_sample(
     spacing: str = "karras",
     rho: float = KARRAS_RHO,
     snapshot_every: int = 0,
+    clip_denoised: bool = False,
 ) -> dict[str, jax.Array]:
     """EDM Algorithm 1 with S_churn = 0 on the VP model: x_k = x_t / alpha_t, sigma =
     sigma_t / alpha_t = exp(-lambda_t), D(x_k; sigma_i) = x0_hat(alpha_{t_i} x_k, t_i).
@@ -545,7 +563,8 @@ def heun_sample(
 
     def denoise(x_k, t, alpha, sigma):
         """D(x_k; sigma_t / alpha_t): x0_hat at x_t = alpha_t x_k."""
-        return _predict(vp, denoise_fn, model_output, alpha * x_k, t, alpha, sigma)[1]
+        x0 = _predict(vp, denoise_fn, model_output, alpha * x_k, t, alpha, sigma, clip_denoised)
+        return x0[1]
 
     xs = {
         "i": np.arange(n - 1),
@@ -605,7 +624,8 @@ def sample(
     [B, ...] = `shape` (drawn as `sampling.sample_loop` draws it from `key`, so the chain
     samplers and the solvers start from the same x_T) or `x_init`. `order` 0 / `spacing` ''
     pick the method's default; `variant` ('singlestep' | 'multistep') applies to 'dpm_solver',
-    `clip_denoised` to 'dpm_solver++'. Returns {'sample', ['snapshots', 'snapshot_timesteps']}.
+    `clip_denoised` to every solver (`_predict`).
+    Returns {'sample', ['snapshots', 'snapshot_timesteps']}.
     """
     if method not in ODE_METHODS:
         raise ValueError(
@@ -627,6 +647,7 @@ def sample(
         num_steps=int(num_steps),
         spacing=spacing,
         snapshot_every=snapshot_every,
+        clip_denoised=clip_denoised,
     )
     if method == "heun":
         return heun_sample(vp, denoise_fn, x, **common)
@@ -639,7 +660,6 @@ def sample(
         algorithm=method,
         order=order,
         lower_order_final=lower_order_final,
-        clip_denoised=clip_denoised,
         **common,
     )
 

@@ -487,3 +487,19 @@ def test_settings_checks_pass_and_name_the_model_output():
         SV.validate_sampling(_config(method="heun", num_steps=5).sampling, T, "xprev")
     with pytest.raises(ValueError, match=r"method='ddim' is not an ODE solver"):
         SV.sample("ddim", VP, gaussian_denoiser(), X_T.shape, None, x_init=X_T, num_steps=5)
+
+
+@pytest.mark.parametrize("method", ["heun", "dpm_solver", "dpm_solver++"])
+def test_clip_denoised_reaches_every_solver(method):
+    """A network whose x0_hat overshoots the data range (eps = -2 x: x0_hat = 3x / alpha at
+    small noise): with clip_denoised every solver sees x0_hat clipped to [-1, 1], so the
+    sample stays in range; without it the overshoot goes through."""
+    vp = ct.vp_schedule(S.make_diffusion(S.get_beta_schedule("linear", 100)))
+    denoise = lambda x, t: -2.0 * x
+    key = jax.random.PRNGKey(0)
+    run = lambda clip: SV.sample(
+        method, vp, denoise, (64, 2), key, num_steps=8, clip_denoised=clip
+    )["sample"]
+    clipped, free = np.asarray(run(True)), np.asarray(run(False))
+    assert np.abs(clipped).max() <= 1.05  # DPM-Solvers end at t_min, x = alpha x0 + sigma eps
+    assert np.abs(free).max() > 2.0
