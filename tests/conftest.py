@@ -11,8 +11,15 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from configs import digits, swissroll  # noqa: E402
+from diffusion_jax import checkpoint  # noqa: E402
+from diffusion_jax import state as state_lib  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +27,54 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, f"expected 8 simulated CPU devices, got {len(devs)}"
     return devs
+
+
+# Test doubles shared by several test files.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shrink(config, overrides):
+    config.training.batch_size = 16
+    config.training.warmup_steps = 2
+    config.training.sample_every = 0
+    config.training.final_samples = 0
+    config.training.log_every = 1000
+    config.data.prefetch = 0
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    return config
+
+
+def tiny_config(**overrides):
+    """The digits config with a very small U-Net."""
+    config = digits.get_config()
+    config.model.ch = 8
+    config.model.num_groups = 4
+    config.model.dropout = 0.1
+    return _shrink(config, overrides)
+
+
+def tiny_mlp_config(**overrides):
+    """The swiss roll with a small MLP (with dropout) and a 20-step chain: compiles in
+    seconds, so the exact-equality tests of the training machinery use it."""
+    config = swissroll.get_config()
+    config.model.hidden = 32
+    config.model.depth = 2
+    config.model.dropout = 0.1
+    config.diffusion.num_timesteps = 20
+    config.diffusion.timestep_sampler = "loss_aware"
+    return _shrink(config, overrides)
+
+
+def tree_allclose(a, b, atol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+def restore_state(config, workdir, step=None):
+    _, _, abstract, _ = state_lib.init_train_state(config)
+    mngr = checkpoint.manager(Path(workdir) / "checkpoints")
+    step = mngr.latest_step() if step is None else step
+    return checkpoint.restore(mngr, step, abstract)

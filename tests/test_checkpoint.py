@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 import pytest
-from test_train import REPO, restore_state, tiny_mlp_config, tree_allclose
+from conftest import REPO, restore_state, tiny_mlp_config, tree_allclose
 
 from diffusion_jax import checkpoint, train
 

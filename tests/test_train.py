@@ -9,14 +9,14 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, restore_state, tiny_config, tiny_mlp_config, tree_allclose
 
-from configs import digits, swissroll
+from configs import swissroll
 from diffusion_jax import (
     checkpoint,
     distributed,
@@ -27,54 +27,6 @@ from diffusion_jax import (
     train,
 )
 from diffusion_jax import state as state_lib
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _shrink(config, overrides):
-    config.training.batch_size = 16
-    config.training.warmup_steps = 2
-    config.training.sample_every = 0
-    config.training.final_samples = 0
-    config.training.log_every = 1000
-    config.data.prefetch = 0
-    for dotted, value in overrides.items():
-        section, key = dotted.split("__")
-        config[section][key] = value
-    return config
-
-
-def tiny_config(**overrides):
-    """The digits config with a very small U-Net."""
-    config = digits.get_config()
-    config.model.ch = 8
-    config.model.num_groups = 4
-    config.model.dropout = 0.1
-    return _shrink(config, overrides)
-
-
-def tiny_mlp_config(**overrides):
-    """The swiss roll with a small MLP (with dropout) and a 20-step chain: compiles in
-    seconds, so the exact-equality tests of the training machinery use it."""
-    config = swissroll.get_config()
-    config.model.hidden = 32
-    config.model.depth = 2
-    config.model.dropout = 0.1
-    config.diffusion.num_timesteps = 20
-    config.diffusion.timestep_sampler = "loss_aware"
-    return _shrink(config, overrides)
-
-
-def tree_allclose(a, b, atol):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
-
-
-def restore_state(config, workdir, step=None):
-    _, _, abstract, _ = state_lib.init_train_state(config)
-    mngr = checkpoint.manager(Path(workdir) / "checkpoints")
-    step = mngr.latest_step() if step is None else step
-    return checkpoint.restore(mngr, step, abstract)
 
 
 def run_steps(config, mesh, num_steps):
