@@ -455,3 +455,31 @@ def test_sample_mode_uses_the_newest_readable_checkpoint(workdir, capfd):
     config.sampling.checkpoint_step = 3  # asked for by its step: an error, in one line
     with pytest.raises(checkpoint.UnreadableCheckpointError, match="checkpoint 3 in .* truncated"):
         sample.sample(config, workdir)
+
+
+@pytest.mark.parametrize("name", ["bpd", "ode_bpd"])
+def test_eval_precision_reaches_every_network_call_of_the_likelihoods(name):
+    """`eval.precision` marks every convolution and matrix product of the lowered program."""
+    from diffusion_jax.evaluation import ode_bpd
+
+    make = {"bpd": bpd.make_bpd_fn, "ode_bpd": ode_bpd.make_ode_bpd_fn}[name]
+    mesh = distributed.make_mesh()
+    texts = {}
+    for precision in ("highest", "default"):
+        config = tiny_config()
+        config.eval.precision = precision
+        config.eval.ode_num_steps = 2
+        graphdef, rest, abstract = state_lib.abstract_train_state(config, mesh)
+        fn = make(config, generation.model_apply(graphdef, rest), mesh)
+        args = (
+            abstract.ema_params,
+            jax.ShapeDtypeStruct((8, 8, 8, 1), np.uint8),
+            jax.ShapeDtypeStruct((8,), np.int32),
+            jax.ShapeDtypeStruct((8,), np.float32),
+            jax.random.PRNGKey(0),
+        )
+        texts[precision] = fn.lower(*args).as_text()
+    lines = texts["highest"].splitlines()
+    ops = [op for op in lines if "convolution" in op or "dot_general" in op]
+    assert ops and all("HIGHEST" in line for line in ops), ops[:3]
+    assert "HIGHEST" not in texts["default"]

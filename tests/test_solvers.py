@@ -25,6 +25,15 @@ S2 = 0.25  # data x_0 ~ N(0, S2), elementwise
 X_T = jax.random.normal(jax.random.PRNGKey(0), (8, 2, 1, 1))
 
 
+# Every ODE solver, with the variant options that change its algorithm.
+ODE_CASES = [
+    ("dpm_solver++", {}),
+    ("dpm_solver", {}),
+    ("dpm_solver", {"variant": "multistep"}),
+    ("heun", {}),
+]
+
+
 def gaussian_denoiser(kind: str = "eps", variance_channels: bool = False):
     """The optimal network for data N(0, S2 I), at fractional timesteps too: alpha_t of the
     interpolated schedule at t = (timestep + 1) / T, sigma_t = sqrt(1 - alpha_t^2),
@@ -107,15 +116,7 @@ def test_gaussian_error_and_convergence_order(name, fit_steps, slope_range, max_
     assert slope_range[0] < slope < slope_range[1], (slope, errors)
 
 
-@pytest.mark.parametrize(
-    "method, options",
-    [
-        ("dpm_solver++", {}),
-        ("dpm_solver", {}),
-        ("dpm_solver", {"variant": "multistep"}),
-        ("heun", {}),
-    ],
-)
+@pytest.mark.parametrize("method, options", ODE_CASES)
 def test_every_spacing_reaches_the_solution(method, options):
     """Each spacing drives each solver to the exact solution (singlestep DPM-Solver off
     `logsnr` takes its outer times from the num_steps grid at the cumulative orders)."""
@@ -313,15 +314,7 @@ def test_program_size_does_not_grow_with_steps(devices, name):
     assert sizes[0] == sizes[1], sizes
 
 
-@pytest.mark.parametrize(
-    "method, options",
-    [
-        ("dpm_solver++", {}),
-        ("dpm_solver", {}),
-        ("dpm_solver", {"variant": "multistep"}),
-        ("heun", {}),
-    ],
-)
+@pytest.mark.parametrize("method, options", ODE_CASES)
 def test_guidance_one_step_by_hand(method, options):
     w, null = 2.5, 10
     labels = jnp.arange(8, dtype=jnp.int32) % 3
@@ -347,15 +340,7 @@ def test_guidance_one_step_by_hand(method, options):
     np.testing.assert_allclose(got["sample"], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "method, options",
-    [
-        ("dpm_solver++", {}),
-        ("dpm_solver", {}),
-        ("dpm_solver", {"variant": "multistep"}),
-        ("heun", {}),
-    ],
-)
+@pytest.mark.parametrize("method, options", ODE_CASES)
 def test_eps_x0_v_outputs_give_the_same_samples(method, options):
     def run(kind, variance_channels=False):
         denoise = gaussian_denoiser(kind, variance_channels)
