@@ -71,26 +71,32 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.final_samples = 64
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    # ancestral | ddim (the chain) | dpm_solver++ | dpm_solver | heun (ODE solvers, solvers.py)
+    # The samplers (diffusion_jax/sampling/registry.py): ancestral | ddim (over the chain) |
+    # dpm_solver++ | sde_dpm_solver++ | dpm_solver | unipc | heun (over a time grid)
     sampling.method = "ancestral"
     # ancestral/ddim only: "" full chain; "100" K evenly spaced; "10,10,10" sections; "ddim50"
     sampling.respacing = ""
-    # Steps (0 = not given). ODE solvers need it (NFE: solvers.nfe; heun 2N - 1). For
+    # Steps (0 = not given). Time-grid samplers need it (NFE = num_steps; heun 2N - 1). For
     # ancestral/ddim with respacing = "", the chain of `spacing` with N steps (ancestral
-    # "uniform" = respacing "N"; ddim "uniform" = the DDIM paper's range(0, T, T // N)).
+    # "uniform" = respacing "N"; ddim "uniform" = respacing "ddimN", the stride keeping N).
     sampling.num_steps = 0
-    # "" = the method's default (ancestral/ddim: uniform, dpm_solver(++): logsnr, heun: karras)
+    # "" = the method's default (ancestral/ddim: uniform, heun: karras, others: logsnr)
     # | uniform | logsnr | quadratic | karras (ancestral/ddim: uniform | quadratic only)
     sampling.spacing = ""
-    sampling.order = 0  # 0 = default; dpm_solver: 1 | 2 | 3 (3), dpm_solver++: 1 | 2 (2)
+    # 0 = default; dpm_solver: 1 | 2 | 3 (3), dpm_solver++ and sde_: 1 | 2 (2), unipc: 1-3 (2)
+    sampling.order = 0
     sampling.dpm_solver_variant = "singlestep"  # dpm_solver: singlestep (-fast) | multistep
-    sampling.lower_order_final = True  # multistep solvers: lower orders in the last steps (< 10)
+    sampling.unipc_variant = "bh2"  # unipc: B(h) = expm1(h) (bh2) | h (bh1)
+    sampling.lower_order_final = True  # multistep solvers: lower orders in the last steps
+    # Time-grid samplers: the last of the num_steps steps goes to sigma = 0 (x = x0_hat)
+    # instead of stopping at t = 1/T (diffusers' final_sigmas_type="zero"); same NFE.
+    sampling.denoise_to_zero = False
     sampling.eta = 0.0
     sampling.clip_denoised = True
     sampling.guidance_scale = 0.0  # classifier-free guidance weight w (0 = off)
     sampling.num_samples = 50_000
     sampling.batch_size = 256
-    sampling.preview_respacing = "100"  # previews' chain (ancestral/ddim; solvers: num_steps)
+    sampling.preview_respacing = "100"  # previews' chain (ancestral/ddim; others: num_steps)
     sampling.preview_num = 64
     sampling.checkpoint_step = -1  # --mode sample: the checkpoint to draw from (-1 = latest)
     sampling.max_shards = 0  # --mode sample: stop after this many new shards (0 = all)
@@ -99,6 +105,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     ev.once = False
     # Evaluators run on each checkpoint, in this order (diffusion_jax/evaluation/__init__.py).
     ev.evaluators = ("bpd", "samples", "interpolation", "fid")
+    # Named evaluator instances with their own sampling/eval settings, used by name in
+    # `evaluators` (evaluation/__init__.py), e.g. {"fid_dpm20": {"type": "fid", "sampling":
+    # {"method": "dpm_solver++", "num_steps": 20}}}.
+    ev.instances = ml_collections.ConfigDict()
     ev.num_samples = 50_000
     ev.bpd_num_examples = 10_000  # test images for 'bpd' and 'ode_bpd'
     # Network calls for likelihoods ('bpd', 'ode_bpd') at this matmul/conv precision: highest

@@ -10,16 +10,17 @@ import jax
 import ml_collections
 
 from diffusion_jax import (
-    continuous_time,
     input_pipeline,
     losses,
     models,
     ode_likelihood,
     schedules,
-    solvers,
     state,
     timestep_sampler,
 )
+from diffusion_jax.evaluation import IMAGE_EVALUATORS, instances
+from diffusion_jax.metrics import quality as quality_metric
+from diffusion_jax.sampling import registry, schedule
 
 MODES = ("train", "eval", "sample")
 # jax.default_matmul_precision names.
@@ -105,29 +106,24 @@ def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
 def check_sampling(config: ml_collections.ConfigDict) -> None:
     """The sampler settings (method, steps, spacing, order), for every mode: training
     previews sample too."""
-    solvers.validate_sampling(
+    registry.validate(
         config.sampling, config.diffusion.num_timesteps, config.diffusion.model_output
     )
 
 
 def check_evaluation(config: ml_collections.ConfigDict) -> None:
-    from diffusion_jax.evaluation import EVALUATORS, IMAGE_EVALUATORS, quality
-
-    for name in config.eval.evaluators:
-        if name not in EVALUATORS:
-            raise ValueError(
-                f"config.eval.evaluators: {name!r} is not an evaluator; allowed: "
-                f"{', '.join(EVALUATORS)}"
-            )
-        if name in IMAGE_EVALUATORS and not input_pipeline.is_image_data(config):
+    for name, (kind, own) in instances(config).items():
+        if kind in IMAGE_EVALUATORS and not input_pipeline.is_image_data(config):
             raise ValueError(
                 f"config.eval.evaluators: {name!r} needs image data, not {config.data.name!r}"
             )
-        if name == "quality" and config.data.name not in quality.HEADLINE:
+        if kind == "quality" and config.data.name not in quality_metric.HEADLINE:
             raise ValueError(
                 f"config.eval.evaluators: 'quality' has a metric for "
-                f"{', '.join(quality.HEADLINE)} only, not {config.data.name!r}; use 'fid'"
+                f"{', '.join(quality_metric.HEADLINE)} only, not {config.data.name!r}; use 'fid'"
             )
+        if own is not config:  # an instance with its own sampler settings
+            registry.validate(own.sampling, own.diffusion.num_timesteps, own.diffusion.model_output)
     for name in (
         "batch_size",
         "grid_num",
@@ -143,7 +139,7 @@ def check_evaluation(config: ml_collections.ConfigDict) -> None:
     _choice(config, "eval.ode_probe", ode_likelihood.PROBES)
     _positive(config, ("eval.ode_num_steps", "eval.ode_num_probes"))
     if "ode_bpd" in config.eval.evaluators:
-        _choice(config, "diffusion.model_output", continuous_time.ODE_MODEL_OUTPUTS)
+        _choice(config, "diffusion.model_output", schedule.ODE_MODEL_OUTPUTS)
     if 0 < config.eval.num_samples < config.eval.is_splits:
         raise ValueError(
             f"config.eval.num_samples={config.eval.num_samples} is fewer than the "

@@ -107,23 +107,9 @@ def predict_x0_from_v(diffusion: Diffusion, x_t: jax.Array, t: jax.Array, v: jax
     )
 
 
-def predict_eps_from_v(diffusion: Diffusion, x_t: jax.Array, t: jax.Array, v: jax.Array):
-    """eps = sqrt(1 - alphabar_t) x_t + sqrt(alphabar_t) v."""
-    n = x_t.ndim
-    return (
-        extract(diffusion.sqrt_one_minus_alphas_cumprod, t, n) * x_t
-        + extract(diffusion.sqrt_alphas_cumprod, t, n) * v
-    )
-
-
 def score_from_eps(diffusion: Diffusion, t: jax.Array, eps: jax.Array) -> jax.Array:
     """Tweedie (Luo 2022 eq. 151): grad log q(x_t) = -eps / sqrt(1 - alphabar_t)."""
     return -eps / extract(diffusion.sqrt_one_minus_alphas_cumprod, t, eps.ndim)
-
-
-def eps_from_score(diffusion: Diffusion, t: jax.Array, score: jax.Array) -> jax.Array:
-    """Inverse of `score_from_eps`: eps = -sqrt(1 - alphabar_t) * score."""
-    return -extract(diffusion.sqrt_one_minus_alphas_cumprod, t, score.ndim) * score
 
 
 def training_target(

@@ -2,7 +2,7 @@
 "Score-Based Generative Modeling through Stochastic Differential Equations", §4.3 and
 appendix D.2; reference code score_sde `likelihood.py`).
 
-The chain is viewed in continuous time as in `continuous_time` (DPM-Solver's mapping, t in
+The chain is viewed in continuous time as in `sampling.schedule` (DPM-Solver's mapping, t in
 [1/N, 1]). The probability-flow ODE (Song et al. eq. 13) of the VP SDE is
 
     dx/dt = f(t) (x - eps_theta(x, t) / sigma_t),        f(t) = d log(alpha_t) / dt,
@@ -28,8 +28,8 @@ t_min, where sigma_t ~ sqrt(beta_1) = 0.01 and the Jacobian of the drift in t is
 
 whose Jacobian is O(1) over the whole range (sigma d eps/dx <= ~1 when eps is a denoiser), and
 whose range is only lambda in [-5.1, 4.6] for the DDPM schedule. Steps uniform in lambda
-("lambda", the default; DPM-Solver's choice for sampling) therefore converge much faster than
-steps uniform in t ("t", kept for comparison). Measured on 8-dimensional Gaussian data with
+("logsnr", the default; DPM-Solver's choice for sampling) therefore converge much faster than
+steps uniform in t ("uniform", kept for comparison). Measured on 8-dimensional Gaussian data with
 scales 0.02-0.6 (tests/test_ode_likelihood.py), relative error of log p: RK4 in lambda 9.6e-4,
 9e-5, 3e-5 at 25, 50, 100 steps; RK4 in t 1.3e-1, 7e-2, 7e-2 (1.5e-2 at 200 steps); Heun in
 lambda 1.7e-1, 4.8e-2, 1.3e-2.
@@ -64,7 +64,7 @@ discrete chain defines.
 
 All functions are pure and jit-able (the keyword options are static Python values); the
 denoiser `denoise_fn(x [B, ...], timesteps [B]) -> output` is called with the fractional
-timestep `continuous_time.model_timestep(t)`, and closes over class labels for conditional
+timestep `Schedule.model_timestep(t)`, and closes over class labels for conditional
 models.
 """
 
@@ -76,14 +76,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax import continuous_time as ct
+from diffusion_jax.sampling import grids
+from diffusion_jax.sampling.schedule import ODE_MODEL_OUTPUTS, Schedule, eps_and_x0
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B, ...], timesteps [B]) -> output
 
 DIVERGENCES = ("hutchinson", "exact")
 PROBES = ("rademacher", "gaussian")
 SOLVERS = ("rk4", "heun")
-SPACINGS = ("lambda", "t")
+SPACINGS = ("logsnr", "uniform")  # the samplers' names (`sampling.grids`)
 STAGES = {"rk4": 4, "heun": 2}
 DEQUANTIZED_BITS_OFFSET = 7.0  # log2(128): y = u / 128 - 1 maps [0, 256) onto [-1, 1)
 
@@ -120,40 +121,36 @@ def standard_error(per_probe: jax.Array) -> jax.Array:
     return jnp.std(per_image, ddof=1) / jnp.sqrt(per_image.shape[0])
 
 
-def ode_time_grid(vp: ct.VPSchedule, num_steps: int, spacing: str = "lambda") -> jax.Array:
-    """The num_steps + 1 points s_0 .. s_K of the integration variable, from t_min to t = 1.
-
-    spacing 'lambda': uniform in lambda from lambda(t_min) down to lambda(1); 't': uniform in t
-    from t_min to 1. Returns s [num_steps + 1] float32 (lambda or t values).
-    """
+def ode_time_grid(vp: Schedule, num_steps: int, spacing: str = "logsnr") -> jax.Array:
+    """The num_steps + 1 points s_0 .. s_K of the integration variable, from t_min to t = 1,
+    on the samplers' grids (`grids.spaced`): 'logsnr' uniform in lambda (s = lambda), 'uniform'
+    uniform in t (s = t). Returns s [num_steps + 1] float32."""
     _check("spacing", spacing, SPACINGS)
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be >= 1")
-    if spacing == "lambda":
-        lam = ct.marginal_lambda(vp, jnp.array([vp.t_min, vp.t_max], jnp.float32))
-        return jnp.linspace(lam[0], lam[1], num_steps + 1)
-    return jnp.linspace(vp.t_min, vp.t_max, num_steps + 1, dtype=jnp.float32)
+    t = grids.spaced(vp, vp.t_min, vp.t_max, num_steps, spacing)
+    return jnp.asarray(vp.lam(t) if spacing == "logsnr" else t, jnp.float32)
 
 
 def _coefficients(
-    vp: ct.VPSchedule, s: jax.Array, spacing: str
+    vp: Schedule, s: jax.Array, spacing: str
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(t, a, b) with dx/ds = a x + b eps_theta(x, t) at integration variable s (scalar).
 
-    lambda: a = sigma^2, b = -sigma (alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda)).
-    t:      a = f(t),    b = -f(t) / sigma_t.
+    logsnr: a = sigma^2, b = -sigma (alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda)).
+    uniform: a = f(t),   b = -f(t) / sigma_t.
     Then div_x [dx/ds] = a D + b tr(d eps_theta / dx).
     """
-    if spacing == "lambda":
-        t = jnp.clip(ct.inverse_lambda(vp, s), vp.t_min, vp.t_max)
+    if spacing == "logsnr":
+        t = jnp.clip(vp.inverse_lambda(s), vp.t_min, vp.t_max)
         sigma2 = jax.nn.sigmoid(-2.0 * s)
         return t, sigma2, -jnp.sqrt(sigma2)
-    f = ct.drift_coefficient(vp, s)
-    return s, f, -f / ct.marginal_sigma(vp, s)
+    f = vp.drift(s)
+    return s, f, -f / vp.sigma(s)
 
 
 def ode_log_likelihood(
-    vp: ct.VPSchedule,
+    vp: Schedule,
     model_output_type: str,
     denoise_fn: DenoiseFn,
     y: jax.Array,
@@ -161,7 +158,7 @@ def ode_log_likelihood(
     *,
     num_steps: int,
     solver: str = "rk4",
-    spacing: str = "lambda",
+    spacing: str = "logsnr",
     divergence: str = "hutchinson",
     probe: str = "rademacher",
     num_probes: int = 1,
@@ -174,14 +171,14 @@ def ode_log_likelihood(
     (Song et al. eq. 39).
 
     Args:
-      vp: the continuous-time view of the full chain (`continuous_time.vp_schedule`).
+      vp: the continuous-time view of the full chain (`sampling.schedule.from_config`).
       model_output_type: 'eps', 'x0' or 'v' (learned-variance channels are ignored).
       denoise_fn: (x [B, ...], timesteps [B] float) -> output [B, ..., C or 2C].
       y: [B, ...] float32 data point(s), e.g. `uniform_dequantize` output.
       key: PRNG key of the Hutchinson probes (unused, may be None, for 'exact').
       num_steps: fixed solver steps; NFE = `ode_nfe(num_steps, solver)`.
       solver: 'rk4' (classical Runge-Kutta, 4 NFE/step) or 'heun' (2 NFE/step).
-      spacing: 'lambda' (uniform in half log-SNR, default) or 't'.
+      spacing: 'logsnr' (uniform in half log-SNR, default) or 'uniform' (in t).
       divergence: 'hutchinson' (v^T J v, unbiased) or 'exact' (D tangent passes; small data).
       probe: 'rademacher' (+-1) or 'gaussian' N(0, I), for 'hutchinson'.
       num_probes: K independent probes, each fixed along the trajectory ('hutchinson').
@@ -190,7 +187,7 @@ def ode_log_likelihood(
       'log_p' [B, K] (K = 1 for 'exact'), 'prior_logp' [B] = log N(x(1); 0, I),
       'delta_logp' [B, K] = int div, 'z' [B, ...] = x(1), 'nfe' [] int32 (static).
     """
-    _check("model_output_type", model_output_type, ct.ODE_MODEL_OUTPUTS)
+    _check("model_output_type", model_output_type, ODE_MODEL_OUTPUTS)
     _check("solver", solver, SOLVERS)
     _check("divergence", divergence, DIVERGENCES)
     _check("probe", probe, PROBES)
@@ -211,11 +208,13 @@ def ode_log_likelihood(
     def drift(x: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(dx/ds [B, ...], div [P, B]) at x, s; one network evaluation."""
         t, a, b = _coefficients(vp, s, spacing)
-        timesteps = jnp.full((batch,), ct.model_timestep(vp, t), jnp.float32)
+        timesteps = jnp.full((batch,), vp.model_timestep(t), jnp.float32)
 
         def eps_fn(xx: jax.Array) -> jax.Array:
             output = denoise_fn(xx, timesteps)
-            return ct.eps_and_x0(vp, model_output_type, output, xx, t)[0].astype(jnp.float32)
+            return eps_and_x0(model_output_type, output, xx, vp.alpha(t), vp.sigma(t))[0].astype(
+                jnp.float32
+            )
 
         if tangents.shape[0] == 1:
             eps, jv = jax.jvp(eps_fn, (x,), (tangents[0],))
@@ -262,7 +261,7 @@ def ode_log_likelihood(
 
 
 def ode_bpd(
-    vp: ct.VPSchedule,
+    vp: Schedule,
     model_output_type: str,
     denoise_fn: DenoiseFn,
     x_int: jax.Array,
@@ -270,7 +269,7 @@ def ode_bpd(
     *,
     num_steps: int,
     solver: str = "rk4",
-    spacing: str = "lambda",
+    spacing: str = "logsnr",
     divergence: str = "hutchinson",
     probe: str = "rademacher",
     num_probes: int = 1,

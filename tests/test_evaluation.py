@@ -18,7 +18,15 @@ from jax._src import compilation_cache
 from PIL import Image
 
 from configs.digits import get_config
-from diffusion_jax import checkpoint, convert, distributed, generation, input_pipeline, sample
+from diffusion_jax import (
+    checkpoint,
+    config_checks,
+    convert,
+    distributed,
+    generation,
+    input_pipeline,
+    sample,
+)
 from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import base, bpd, job, pictures, quality
 from diffusion_jax.evaluation import fid as fid_eval
@@ -354,6 +362,30 @@ def test_ode_bpd_and_sample_quality_evaluators(workdir):
     assert record["quality_num_samples"] == 32
     assert record["digits_fd"] == pytest.approx(expected["digits_fd"], rel=1e-9)
     assert record["digits_fd_floor"] == expected["digits_fd_floor"] > 0
+
+
+def test_evaluator_instances_run_with_their_own_sampler(workdir):
+    """One job, the same evaluator type twice: 'quality' on the configured chain and the
+    instance 'quality_ddim' on 5-step DDIM, each on its own samples, reported apart."""
+    config = tiny_config()
+    config.eval.instances = {
+        "quality_ddim": {"type": "quality", "sampling": {"method": "ddim", "num_steps": 5}}
+    }
+    config.eval.evaluators = ("quality", "quality_ddim")
+    config_checks.validate_config(config, "eval")
+    record = job.evaluate_checkpoint(config, workdir, 3)
+    shared = sample.load_samples(workdir / "eval" / "samples" / "3", 32)
+    own = sample.load_samples(workdir / "eval" / "samples" / "quality_ddim" / "3", 32)
+    assert record["sample_method"] == "ancestral" and record["sample_nfe"] == 20
+    assert record["quality_ddim/sample_method"] == "ddim"
+    assert record["quality_ddim/sample_nfe"] == 5
+    assert record["digits_fd"] == pytest.approx(quality.score(shared)["digits_fd"], rel=1e-9)
+    expected = quality.score(own)["digits_fd"]
+    assert record["quality_ddim/digits_fd"] == pytest.approx(expected, rel=1e-9)
+    assert not np.array_equal(shared, own)
+    config.eval.evaluators = ("quality", "nonesuch")
+    with pytest.raises(ValueError, match="'nonesuch' is neither an evaluator"):
+        config_checks.validate_config(config, "eval")
 
 
 def truncate_checkpoint(workdir, step):

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import continuous_time as ct
 from diffusion_jax import ode_likelihood as OL
 from diffusion_jax import schedules as S
+from diffusion_jax.sampling.schedule import Schedule
 
 N = 1000
 BETAS = S.get_beta_schedule("linear", N)
 ALPHABAR = np.cumprod(1.0 - BETAS.astype(np.float64))
-VP = ct.vp_schedule(S.make_diffusion(BETAS))
+VP = Schedule(BETAS)
 SHAPE = (2, 2, 2)  # NHWC per example, D = 8
 D = math.prod(SHAPE)
 
@@ -43,8 +43,8 @@ class GaussianData:
 
         def fn(x, timesteps):  # x [B, 2, 2, 2], timesteps [B] = t N - 1
             t = (timesteps[0] + 1.0) / N
-            alpha = jnp.exp(ct.marginal_log_alpha(VP, t))
-            sigma = ct.marginal_sigma(VP, t)
+            alpha = VP.alpha(t)
+            sigma = VP.sigma(t)
             xf = x.reshape(x.shape[0], D)
             eps = sigma * ((xf - alpha * m) @ q / (alpha**2 * s**2 + sigma**2)) @ q.T
             if output == "v":  # v = alpha eps - sigma x0, x0 = (x - sigma eps) / alpha
@@ -198,7 +198,7 @@ def test_lambda_spacing_beats_t_spacing_at_equal_nfe(rotated):
             )
         )(y)
         errors[spacing] = np.max(np.abs(np.asarray(out["log_p"][:, 0]) - ref))
-    assert errors["lambda"] < 2e-3 < 0.1 < errors["t"]
+    assert errors["logsnr"] < 2e-3 < 0.1 < errors["uniform"]
 
 
 def test_bad_options_name_the_field():

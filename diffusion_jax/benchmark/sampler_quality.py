@@ -3,7 +3,8 @@
     python -m diffusion_jax.benchmark.sampler_quality --workdir /tmp/diffusion_digits \\
         [--num_samples 800] [--nfe 10,20,50] [--out FILE.json]
 
-For each method (strided ancestral, DDIM, DPM-Solver++ 2M, DPM-Solver-3, Heun) at each NFE,
+For each method of `METHODS` (strided ancestral, DDIM, DPM-Solver++ 2M with and without the
+final step to sigma = 0, SDE-DPM-Solver++ 2M, UniPC, DPM-Solver-3, Heun) at each NFE,
 and the paper's full ancestral chain, draws `--num_samples` samples from the EMA parameters
 of the latest checkpoint (under the run's own config.json) with the same noise, times them
 after a compile run, and scores them with the project's sample-quality metric
@@ -27,17 +28,41 @@ from diffusion_jax import (
     distributed,
     generation,
     input_pipeline,
-    solvers,
+    streams,
 )
 from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import quality
+from diffusion_jax.sampling import registry
 
 # (method, sampling overrides for a given NFE); Heun spends 2 N - 1 evaluations on N steps.
+# "to zero": the last step goes to sigma = 0 (sampling.denoise_to_zero), at the same NFE.
 METHODS = {
     "ancestral (strided)": lambda nfe: {"method": "ancestral", "num_steps": nfe},
     "ddim": lambda nfe: {"method": "ddim", "num_steps": nfe, "spacing": "uniform"},
     "ddim (quadratic)": lambda nfe: {"method": "ddim", "num_steps": nfe, "spacing": "quadratic"},
     "dpm_solver++ 2M": lambda nfe: {"method": "dpm_solver++", "num_steps": nfe},
+    "dpm_solver++ 2M, to zero": lambda nfe: {
+        "method": "dpm_solver++",
+        "num_steps": nfe,
+        "denoise_to_zero": True,
+    },
+    "sde_dpm_solver++ 2M, to zero": lambda nfe: {
+        "method": "sde_dpm_solver++",
+        "num_steps": nfe,
+        "denoise_to_zero": True,
+    },
+    "unipc-2 bh2, to zero": lambda nfe: {
+        "method": "unipc",
+        "num_steps": nfe,
+        "denoise_to_zero": True,
+    },
+    "unipc-3 bh1, to zero": lambda nfe: {
+        "method": "unipc",
+        "num_steps": nfe,
+        "order": 3,
+        "unipc_variant": "bh1",
+        "denoise_to_zero": True,
+    },
     "dpm_solver-3": lambda nfe: {"method": "dpm_solver", "num_steps": nfe, "order": 3},
     "heun": lambda nfe: {"method": "heun", "num_steps": (nfe + 1) // 2},
 }
@@ -59,14 +84,13 @@ def measure(config: Any, workdir: str, num_samples: int, nfes: list[int]) -> lis
     step = checkpoint.checkpoint_steps(workdir)[-1]
     params = checkpoint.restore_step(workdir, step, abstract).ema_params
     apply = generation.model_apply(graphdef, rest)
-    key = generation.stream_key(config, 1)
+    key = streams.key(config.seed, streams.Stream.SAMPLES)
     labels = generation.default_labels(config, num_samples)
     settings = [("ancestral (paper)", {"method": "ancestral", "num_steps": 0})]
     settings += [(name, make(n)) for n in nfes for name, make in METHODS.items()]
     rows = []
     for name, overrides in settings:
         c = _sampling(config, overrides)
-        solvers.validate_sampling(c.sampling, c.diffusion.num_timesteps, c.diffusion.model_output)
         draw = generation.make_sampler(c, apply, mesh, num_samples, "")
         jax.block_until_ready(draw(params, key, labels))  # compile
         start = time.perf_counter()
@@ -77,7 +101,7 @@ def measure(config: Any, workdir: str, num_samples: int, nfes: list[int]) -> lis
             samples = input_pipeline.to_data_levels(samples, int(c.data.levels))
         row = {
             "method": name,
-            "nfe": generation.sampler_nfe(c, ""),
+            "nfe": registry.build(c).nfe,
             "seconds": seconds,
             **quality.score(samples),
         }
@@ -87,21 +111,27 @@ def measure(config: Any, workdir: str, num_samples: int, nfes: list[int]) -> lis
 
 
 def table(rows: list[dict], device: str) -> str:
-    """Markdown: method | NFE | headline metric (floor) | seconds for the batch."""
-    key, floor = (
-        ("digits_fd", "digits_fd_floor")
-        if "digits_fd" in rows[0]
-        else (
-            "swissroll_energy",
-            "swissroll_energy_floor",
-        )
-    )
+    """Markdown: method | NFE | headline metric (floor) | [two-sample test, class score] |
+    seconds for the batch."""
+    if "digits_fd" in rows[0]:
+        columns = [
+            ("digits FD", "digits_fd", "digits_fd_floor", ".2f"),
+            ("two-sample test", "digits_c2st", "digits_c2st_floor", ".3f"),
+            ("class score", "digits_is", "digits_is_real", ".2f"),
+        ]
+    else:
+        columns = [
+            ("energy distance", "swissroll_energy", "swissroll_energy_floor", ".4f"),
+            ("MMD", "swissroll_mmd", "swissroll_mmd_floor", ".4f"),
+        ]
+    head = " | ".join(f"{name} (real: {rows[0][floor]:{fmt}})" for name, _, floor, fmt in columns)
     lines = [
-        f"| method | NFE | {key} (real floor {rows[0][floor]:.4g}) | seconds ({device}) |",
-        "| --- | --- | --- | --- |",
+        f"| method | NFE | {head} | seconds ({device}) |",
+        "| --- | --- |" + " --- |" * len(columns) + " --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['nfe']} | {r[key]:.4g} | {r['seconds']:.1f} |")
+        values = " | ".join(f"{r[key]:{fmt}}" for _, key, _, fmt in columns)
+        lines.append(f"| {r['method']} | {r['nfe']} | {values} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 

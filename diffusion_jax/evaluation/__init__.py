@@ -12,11 +12,25 @@ them over checkpoints (`job.evaluate_checkpoints`, `--mode eval`).
 
 Each is built as `cls(context, **options)` and called as `run(params, step) -> dict`; see
 `base.py` for the interface.
+
+Configured instances (big_vision style): a name in `config.eval.evaluators` is an evaluator
+type above, or an instance of `config.eval.instances`, {name: {'type': ..., 'sampling': {...},
+'eval': {...}}}, whose `sampling` and `eval` settings override the config's for that instance
+alone, e.g. FID at 20-step DPM-Solver++ next to FID at the 1000-step chain in one job:
+
+    config.eval.instances = {"fid_dpm20": {"type": "fid", "sampling": {"method": "dpm_solver++",
+                                                                        "num_steps": 20}}}
+    config.eval.evaluators = ("fid", "fid_dpm20")
+
+An instance named other than its type reports its metrics and pictures prefixed with its name
+('fid_dpm20/fid'); an instance with its own sampling settings draws its own sample shards
+(`DIR/eval/samples/<instance>/<step>/`), the others share `DIR/eval/samples/<step>/`.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 # name -> "module.Class" in this package, imported on first use (so that
 # `python -m diffusion_jax.evaluation.quality` does not import itself twice).
@@ -30,6 +44,40 @@ EVALUATORS = {
 }
 # Evaluators that need image data (not the 2-D swiss roll).
 IMAGE_EVALUATORS = ("bpd", "ode_bpd", "interpolation", "fid")
+
+
+def instances(config: Any) -> dict[str, tuple[str, Any]]:
+    """{instance name: (evaluator type, the config it runs with)} of `config.eval.evaluators`
+    (module docstring); ValueError for a name that is neither a type nor an instance."""
+    defined = config.eval.get("instances", None) or {}
+    out = {}
+    for name in config.eval.evaluators:
+        if name in EVALUATORS and name not in defined:
+            out[name] = (name, config)
+            continue
+        if name not in defined:
+            raise ValueError(
+                f"config.eval.evaluators: {name!r} is neither an evaluator "
+                f"({', '.join(EVALUATORS)}) nor an instance of config.eval.instances"
+            )
+        spec = defined[name]
+        kind = spec.get("type", "")
+        if kind not in EVALUATORS:
+            raise ValueError(
+                f"config.eval.instances.{name}.type={kind!r}; allowed: {', '.join(EVALUATORS)}"
+            )
+        own = config.copy_and_resolve_references()
+        with own.unlocked():
+            for section in ("sampling", "eval"):
+                for key, value in (spec.get(section, None) or {}).items():
+                    if key not in own[section]:
+                        raise ValueError(
+                            f"config.eval.instances.{name}.{section}.{key}: config.{section} "
+                            f"has no field {key!r}"
+                        )
+                    own[section][key] = value
+        out[name] = (kind, own)
+    return out
 
 
 def evaluator_class(name: str) -> type:

@@ -23,21 +23,20 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffusion_jax import distributed, generation, logs, sample
-
-# Independent random streams below the seed (fold_in), the same for every checkpoint.
-# (sample.SAMPLES_STREAM = 1 draws the sample shards.)
-GRID_STREAM, BPD_STREAM, INTERP_STREAM, ODE_STREAM = 2, 3, 4, 5
+from diffusion_jax.sampling import registry
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What an evaluator may use: the config, the workdir, the device mesh and the pure
-    network `apply(params, x, t, y=None) -> output`."""
+    """What an evaluator may use: the config (its instance's: `evaluation.instances`), the
+    workdir, the device mesh, the pure network `apply(params, x, t, y=None) -> output`, and
+    `samples_key`, the sub-folder of its sample shards ('' = the job's shared samples)."""
 
     config: ml_collections.ConfigDict
     workdir: epath.Path
     mesh: Mesh
     apply: Callable[..., jax.Array]
+    samples_key: str = ""
 
     @property
     def eval_dir(self) -> epath.Path:
@@ -167,13 +166,13 @@ class EvalSamples:
         self._sampler = None
 
     def directory(self, step: int) -> epath.Path:
-        return self.context.eval_dir / "samples" / str(step)
+        return self.context.eval_dir / "samples" / self.context.samples_key / str(step)
 
     def draw(self, params: Any, step: int) -> epath.Path:
         """Makes sure all shards of checkpoint `step` exist; returns their folder."""
         ctx, c = self.context, self.context.config
         directory = self.directory(step)
-        nfe = generation.sampler_nfe(c, c.sampling.respacing)
+        nfe = registry.build(c).nfe
         logs.log(
             f"  {self.num_samples} samples of checkpoint {step} ({c.sampling.method}, {nfe} "
             f"network evaluations per sample) in {directory}"
@@ -188,6 +187,6 @@ class EvalSamples:
         """What the scores of these samples depend on, for the metrics record."""
         c = self.context.config
         return {
-            "sample_method": generation.sampler_method(c, c.sampling.respacing),
-            "sample_nfe": generation.sampler_nfe(c, c.sampling.respacing),
+            "sample_method": registry.method_name(c.sampling, c.sampling.respacing),
+            "sample_nfe": registry.build(c).nfe,
         }

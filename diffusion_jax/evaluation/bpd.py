@@ -24,6 +24,7 @@ from diffusion_jax import (
     likelihood,
     logs,
     schedules,
+    streams,
     visualize,
 )
 from diffusion_jax.evaluation import base
@@ -131,7 +132,7 @@ class BitsPerDim:
             params,
             eval_batches(c, c.eval.bpd_num_examples),
             ctx.mesh,
-            generation.stream_key(c, base.BPD_STREAM),
+            streams.key(c.seed, streams.Stream.BPD),
         )
         record: dict[str, Any] = {
             k: result[k] for k in ("bpd", "bpd_prior", "bpd_rate", "bpd_distortion", "rmse")

@@ -22,7 +22,7 @@ from etils import epath
 
 from diffusion_jax import checkpoint, config_checks, distributed, generation, logs, visualize
 from diffusion_jax import state as state_lib
-from diffusion_jax.evaluation import base, evaluator_class
+from diffusion_jax.evaluation import base, evaluator_class, instances
 
 
 def metrics_path(workdir: str | epath.Path) -> epath.Path:
@@ -77,13 +77,14 @@ class Job:
         self.workdir = epath.Path(workdir)
         mesh = distributed.make_mesh()
         graphdef, rest, self.abstract_state = state_lib.abstract_train_state(config, mesh)
-        context = base.Context(config, self.workdir, mesh, generation.model_apply(graphdef, rest))
-        self.eval_dir = context.eval_dir
+        apply = generation.model_apply(graphdef, rest)
+        self.eval_dir = base.Context(config, self.workdir, mesh, apply).eval_dir
         options = evaluator_options or {}
-        self.evaluators = {
-            name: evaluator_class(name)(context, **options.get(name, {}))
-            for name in config.eval.evaluators
-        }
+        self.evaluators = {}
+        for name, (kind, own) in instances(config).items():
+            own_samples = own.sampling.to_dict() != config.sampling.to_dict()
+            context = base.Context(own, self.workdir, mesh, apply, name if own_samples else "")
+            self.evaluators[name] = (kind, evaluator_class(kind)(context, **options.get(name, {})))
         self.writer = logs.make_writer(self.eval_dir)
 
     def evaluate(self, step: int) -> dict[str, Any]:
@@ -94,9 +95,14 @@ class Job:
         # checkpoint.UnreadableCheckpointError (one line, on every process) if it is damaged
         params = checkpoint.restore_step(self.workdir, step, self.abstract_state).ema_params
         record: dict[str, Any] = {"step": int(step)}
-        for name, evaluator in self.evaluators.items():
+        for name, (kind, evaluator) in self.evaluators.items():
             logs.log(f"  {name} ...")
             result = evaluator.run(params, step)
+            if name != kind:  # a configured instance: its own names
+                result = {f"{name}/{k}" if k != "pictures" else k: v for k, v in result.items()}
+                result["pictures"] = {
+                    f"{name}_{p}": image for p, image in result.get("pictures", {}).items()
+                }
             for picture, image in result.pop("pictures", {}).items():
                 visualize.save_png(image, self.eval_dir / f"{picture}_{step:08d}.png")
                 self.writer.write_images(step, {picture: image[None]})

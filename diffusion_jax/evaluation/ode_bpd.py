@@ -2,7 +2,7 @@
 
 The exact likelihood of the model's continuous relaxation, next to the variational bound of
 'bpd', on the same first `eval.bpd_num_examples` test images: uniformly dequantized 8-bit
-data, the discrete chain mapped to continuous time as DPM-Solver does (`continuous_time`),
+data, the discrete chain mapped to continuous time as DPM-Solver does (`sampling.schedule`),
 and a fixed-step solver inside one `lax.scan` (`ode_likelihood`), so every shard and host
 takes the same `eval.ode_num_steps` steps and the cost is known in advance. The divergence
 is Hutchinson's estimator with `eval.ode_num_probes` probes (`eval.ode_probe`) or exact
@@ -20,13 +20,9 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from diffusion_jax import (
-    continuous_time,
-    generation,
-    ode_likelihood,
-    schedules,
-)
+from diffusion_jax import ode_likelihood, streams
 from diffusion_jax.evaluation import base, bpd
+from diffusion_jax.sampling import schedule
 
 
 def make_ode_bpd_fn(
@@ -36,7 +32,7 @@ def make_ode_bpd_fn(
     unmasked examples (replicated): 'count', 'bpd' and 'bpd_sq' (of the per-image bpd, for
     the standard error); conditional models use the true labels and no guidance."""
     c = config.eval
-    vp = continuous_time.vp_schedule(schedules.diffusion_from_config(config.diffusion))
+    vp = schedule.from_config(config.diffusion)
     conditional = bool(config.model.num_classes)
     apply = base.with_precision(apply, config.eval.precision)
 
@@ -70,7 +66,7 @@ class OdeBitsPerDim:
         ctx, c = self.context, self.context.config
         self._fn = self._fn or make_ode_bpd_fn(c, ctx.apply, ctx.mesh)
         batches = bpd.eval_batches(c, c.eval.bpd_num_examples)
-        key = generation.stream_key(c, base.ODE_STREAM)
+        key = streams.key(c.seed, streams.Stream.ODE_BPD)
         total = base.sum_over_batches(
             self._fn, params, batches, ctx.mesh, key, "ODE bits/dim", "bpd"
         )

@@ -18,11 +18,11 @@ from diffusion_jax import (
     generation,
     input_pipeline,
     logs,
-    sampling,
-    schedules,
+    streams,
     visualize,
 )
 from diffusion_jax.evaluation import base
+from diffusion_jax.sampling import registry, run, schedule
 
 
 def progressive_strip(snapshots: np.ndarray, rows: int) -> tuple[np.ndarray, int]:
@@ -54,18 +54,17 @@ def make_interpolation_fn(
     §4.4 on the full chain from timestep `eval.interpolation_t` with L =
     `eval.interpolation_lambdas` evenly spaced lambdas in [0, 1]. It runs where its inputs
     are (one device: the batch is small and need not divide the device count)."""
-    diffusion = schedules.diffusion_from_config(config.diffusion)
-    t_index = min(int(config.eval.interpolation_t), diffusion.num_timesteps - 1)
+    sched = schedule.from_config(config.diffusion)
+    t_index = min(int(config.eval.interpolation_t), sched.num_timesteps - 1)
     lambdas = np.linspace(0.0, 1.0, int(config.eval.interpolation_lambdas))
 
-    def run(params, x_a, x_b, labels, key):
+    def interpolate(params, x_a, x_b, labels, key):
         tiled = jnp.tile(labels, len(lambdas)) if config.model.num_classes else None
         fn = generation.denoise_fn(config, apply, params, tiled)
-        return sampling.interpolate(
-            diffusion, fn, x_a, x_b, lambdas, t_index, key, config.sampling.clip_denoised
-        )
+        predict = run.make_predict(fn, config.diffusion.model_output, config.sampling.clip_denoised)
+        return run.interpolate(sched, predict, x_a, x_b, lambdas, t_index, key)
 
-    return jax.jit(run, compiler_options=distributed.compiler_options())
+    return jax.jit(interpolate, compiler_options=distributed.compiler_options())
 
 
 class Samples:
@@ -82,7 +81,7 @@ class Samples:
 
     def _make_sampler(self) -> Callable[..., dict[str, jax.Array]]:
         ctx, c = self.context, self.context.config
-        steps = generation.sampler_steps(c, c.sampling.respacing)
+        steps = registry.build(c).num_steps
         every = snapshot_every(steps, int(c.eval.progressive_steps))
         return generation.make_sampler(
             c, ctx.apply, ctx.mesh, self.batch, c.sampling.respacing, snapshot_every=every
@@ -92,7 +91,7 @@ class Samples:
         c = self.context.config
         self._sampler = self._sampler or self._make_sampler()
         labels = generation.default_labels(c, self.batch)
-        out = self._sampler(params, generation.stream_key(c, base.GRID_STREAM), labels)
+        out = self._sampler(params, streams.key(c.seed, streams.Stream.GRID), labels)
         samples = multihost_utils.process_allgather(out["sample"], tiled=True)
         snapshots = multihost_utils.process_allgather(out["snapshots"], tiled=True)
         if not logs.is_chief():
@@ -133,7 +132,7 @@ class Interpolation:
             x_a,
             x_b,
             batch["label"][:pairs],
-            generation.stream_key(c, base.INTERP_STREAM),
+            streams.key(c.seed, streams.Stream.INTERPOLATION),
         )
         images, ncol = interpolation_grid(x_a, x_b, np.asarray(decoded))
         return {"pictures": {"interpolation": visualize.grid_image(images, ncol=ncol)}}
