@@ -14,6 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import DAMAGE
 from jax._src import compilation_cache
 from PIL import Image
 
@@ -357,12 +358,8 @@ def test_ode_bpd_and_sample_quality_evaluators(workdir):
 
 
 def truncate_checkpoint(workdir, step):
-    """Cuts the array data files of checkpoint `step` (orbax's OCDBT `d/` folders) to half
-    their size, as an interrupted copy would."""
-    files = [p for p in (workdir / "checkpoints" / str(step)).rglob("*") if p.parent.name == "d"]
-    assert files
-    for data in files:
-        os.truncate(data, data.stat().st_size // 2)
+    """Cuts the array data files of checkpoint `step` to 1000 bytes (conftest.DAMAGE)."""
+    DAMAGE["data truncated"](workdir / "checkpoints" / str(step), None)
 
 
 class StopPolling(Exception):
@@ -401,7 +398,7 @@ def test_eval_job_records_an_unreadable_checkpoint_as_skipped_and_never_retries_
     lines = read_lines(workdir)
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert "skipped" not in lines[0] and "skipped" not in lines[2]
-    assert lines[1]["skipped"].startswith("unreadable checkpoint: 2/default/")
+    assert lines[1]["skipped"].startswith("unreadable checkpoint: array ")
     assert "truncated" in lines[1]["skipped"]
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "Event loop is closed" not in out + err
@@ -437,7 +434,7 @@ def test_eval_job_with_no_readable_checkpoint_is_one_error(workdir, capfd, monke
         job.evaluate_checkpoints(config, workdir)
     message = str(info.value)
     assert "\n" not in message and message.startswith("no readable checkpoint in ")
-    assert all(f"step {s}: {s}/default/" in message for s in (1, 2, 3))
+    assert all(f"step {s}: array " in message for s in (1, 2, 3))
     assert [r["step"] for r in read_lines(workdir) if "skipped" in r] == [1, 2, 3]
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "Event loop is closed" not in out + err

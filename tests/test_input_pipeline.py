@@ -476,3 +476,17 @@ def test_prefetch_reraises_and_stops():
     gc.collect()
     thread.join(timeout=5)
     assert not thread.is_alive()  # Stopped once the iterator was garbage collected.
+
+
+def test_shuffle_buffer_is_a_declared_config_field_that_reaches_the_stream(monkeypatch):
+    """`--config.data.shuffle_buffer=N` works (a locked config, as config_flags builds it,
+    accepts only declared fields) and is the buffer the streamed source shuffles with."""
+    config = get_base_config()
+    config.lock()
+    config.data.name, config.data.shuffle_buffer = "lsun_church", 123
+    seen = []
+    monkeypatch.setattr(
+        ip.sources.tfrecords, "tfrecord_source", lambda *args: seen.append(args[-1])
+    )
+    ip.sources.stream_source(config, "train", 0, 1)
+    assert seen == [123]
