@@ -212,25 +212,31 @@ def test_running_out_of_memory_is_not_damage(workdir, monkeypatch):
     assert listing(workdir / "checkpoints") == before
 
 
-@pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_eval_job_skips_every_kind_of_damage(kind, workdir, capfd):
-    """`--mode eval` with eval.once: the damaged newest checkpoint is one line and a
-    `skipped` record (never retried), the newest readable one is evaluated instead, and
-    nothing is renamed (the job only reads)."""
+def eval_once(workdir):
+    """`--mode eval --config.eval.once=True` with a cheap evaluator; the new records."""
     cfg = config(6)
     cfg.eval.once = True
     cfg.eval.evaluators = ("samples",)
     cfg.eval.num_samples = 16
-    damaged = damage(workdir, 6, kind)
-    records = job.evaluate_checkpoints(cfg, workdir)
-    assert [r["step"] for r in records] == [6, 4]
-    assert records[0]["skipped"].startswith("unreadable checkpoint: ")
-    assert "skipped" not in records[1]
-    assert listing(workdir / "checkpoints" / "6") == damaged
+    return job.evaluate_checkpoints(cfg, workdir)
+
+
+@pytest.mark.parametrize("kind", [*sorted(DAMAGE), "two newest"])
+def test_eval_job_skips_every_kind_of_damage(kind, workdir, capfd):
+    """`--mode eval` with eval.once: each damaged newest checkpoint is one line and a
+    `skipped` record (never retried), the newest readable one is evaluated instead, and
+    nothing is renamed (the job only reads)."""
+    bad = {6: "data truncated", 4: "manifest garbled"} if kind == "two newest" else {6: kind}
+    damaged = {step: damage(workdir, step, how) for step, how in bad.items()}
+    records = eval_once(workdir)
+    assert [r["step"] for r in records] == [*bad, min(bad) - 2]
+    assert all(r["skipped"].startswith("unreadable checkpoint: ") for r in records[:-1])
+    assert "skipped" not in records[-1]
+    assert {s: listing(workdir / "checkpoints" / str(s)) for s in bad} == damaged
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "ERROR" not in out + err
-    assert len([line for line in out.splitlines() if "is unreadable" in line]) == 1
-    assert job.evaluate_checkpoints(cfg, workdir) == []  # a rerun: nothing left to do
+    assert len([line for line in out.splitlines() if "is unreadable" in line]) == len(bad)
+    assert eval_once(workdir) == []  # a rerun: nothing left to do
 
 
 def test_training_resumes_from_the_newest_readable_checkpoint(workdir, trained, capfd, monkeypatch):

@@ -19,7 +19,15 @@ from jax._src import compilation_cache
 from PIL import Image
 
 from configs.digits import get_config
-from diffusion_jax import checkpoint, convert, distributed, generation, input_pipeline, sample
+from diffusion_jax import (
+    checkpoint,
+    convert,
+    distributed,
+    errors,
+    generation,
+    input_pipeline,
+    sample,
+)
 from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import base, bpd, job, pictures, quality
 from diffusion_jax.evaluation import fid as fid_eval
@@ -233,7 +241,7 @@ def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
         img.verify()
 
     config.sampling.method = "ddim"  # other settings: resuming into this folder is refused
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(errors.UserError, match="other settings"):
         sample.sample(config, workdir)
 
 
@@ -281,7 +289,7 @@ def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
     config.eval.fid_stats = str(stats_path)
     assert fid_eval.reference_stats_path(config) == stats_path
     config.eval.fid_stats = str(workdir / "missing.npz")
-    with pytest.raises(FileNotFoundError, match="fid_stats"):
+    with pytest.raises(errors.UserError, match="fid_stats"):
         fid_eval.reference_statistics(config, fake_feature_fn)
 
 

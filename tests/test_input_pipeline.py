@@ -15,6 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from configs.base import get_base_config
+from diffusion_jax import errors
 from diffusion_jax import input_pipeline as ip
 from diffusion_jax.input_pipeline import prepare
 
@@ -313,7 +314,7 @@ def test_cifar10_offline_raises_quickly(tmp_path):
     message = str(err.value)
     assert "cifar10" in message and str(tmp_path) in message
     assert "--prepare cifar10" in message
-    assert isinstance(err.value, RuntimeError)
+    assert isinstance(err.value, errors.UserError)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def test_space_timesteps_forms():
     [
         (lambda: S.get_beta_schedule("sigmoid", T), "sigmoid.*allowed: linear, cosine"),
         (lambda: S.get_beta_schedule("linear", 0), "num_timesteps=0"),
-        (lambda: S.make_diffusion(np.array([0.1, 0.0])), r"\(0, 1\]; betas\[1\] = 0.0"),
+        (lambda: S.make_diffusion(np.array([0.1, 0.0])), r"\(0, 1\) .*; betas\[1\] = 0.0"),
+        (lambda: S.make_diffusion(np.array([0.1, 1.0])), r"beta = 1 makes .*betas\[1\] = 1.0"),
         (lambda: S.make_diffusion(np.array([0.1, 1.5])), r"betas\[1\] = 1.5"),
         (lambda: S.make_diffusion(np.full(3, 0.1), model_output="score"), "model_output='score'"),
         (lambda: S.make_diffusion(np.full(3, 0.1), model_var_type="big"), "allowed: fixed_large"),
