@@ -76,6 +76,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import errors
 from diffusion_jax.sampling import grids
 from diffusion_jax.sampling.schedule import ODE_MODEL_OUTPUTS, Schedule, eps_and_x0
 
@@ -91,7 +92,7 @@ DEQUANTIZED_BITS_OFFSET = 7.0  # log2(128): y = u / 128 - 1 maps [0, 256) onto [
 
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
+        raise errors.ConfigError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
 
 
 def ode_nfe(num_steps: int, solver: str = "rk4") -> int:
@@ -127,7 +128,7 @@ def ode_time_grid(vp: Schedule, num_steps: int, spacing: str = "logsnr") -> jax.
     uniform in t (s = t). Returns s [num_steps + 1] float32."""
     _check("spacing", spacing, SPACINGS)
     if num_steps < 1:
-        raise ValueError(f"num_steps={num_steps} must be >= 1")
+        raise errors.ConfigError(f"num_steps={num_steps} must be >= 1")
     t = grids.spaced(vp, vp.t_min, vp.t_max, num_steps, spacing)
     return jnp.asarray(vp.lam(t) if spacing == "logsnr" else t, jnp.float32)
 
@@ -192,7 +193,7 @@ def ode_log_likelihood(
     _check("divergence", divergence, DIVERGENCES)
     _check("probe", probe, PROBES)
     if num_probes < 1:
-        raise ValueError(f"num_probes={num_probes} must be >= 1")
+        raise errors.ConfigError(f"num_probes={num_probes} must be >= 1")
     y = jnp.asarray(y, jnp.float32)
     batch, dims = y.shape[0], math.prod(y.shape[1:])
 

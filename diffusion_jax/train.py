@@ -27,6 +27,7 @@ from diffusion_jax import (
     checkpoint,
     config_checks,
     distributed,
+    errors,
     generation,
     input_pipeline,
     logs,
@@ -41,7 +42,7 @@ from diffusion_jax.metrics import quality
 from diffusion_jax.sampling import registry
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.UserError):
     """Training produced a NaN or infinite loss."""
 
 

@@ -14,6 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import DAMAGE
 from jax._src import compilation_cache
 from PIL import Image
 
@@ -23,6 +24,7 @@ from diffusion_jax import (
     config_checks,
     convert,
     distributed,
+    errors,
     generation,
     input_pipeline,
     sample,
@@ -240,7 +242,7 @@ def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
         img.verify()
 
     config.sampling.method = "ddim"  # other settings: resuming into this folder is refused
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(errors.UserError, match="other settings"):
         sample.sample(config, workdir)
 
 
@@ -288,7 +290,7 @@ def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
     config.eval.fid_stats = str(stats_path)
     assert fid_eval.reference_stats_path(config) == stats_path
     config.eval.fid_stats = str(workdir / "missing.npz")
-    with pytest.raises(FileNotFoundError, match="fid_stats"):
+    with pytest.raises(errors.UserError, match="fid_stats"):
         fid_eval.reference_statistics(config, fake_feature_fn)
 
 
@@ -384,17 +386,13 @@ def test_evaluator_instances_run_with_their_own_sampler(workdir):
     assert record["quality_ddim/digits_fd"] == pytest.approx(expected, rel=1e-9)
     assert not np.array_equal(shared, own)
     config.eval.evaluators = ("quality", "nonesuch")
-    with pytest.raises(ValueError, match="'nonesuch' is neither an evaluator"):
+    with pytest.raises(errors.ConfigError, match="'nonesuch' is neither an evaluator"):
         config_checks.validate_config(config, "eval")
 
 
 def truncate_checkpoint(workdir, step):
-    """Cuts the array data files of checkpoint `step` (orbax's OCDBT `d/` folders) to half
-    their size, as an interrupted copy would."""
-    files = [p for p in (workdir / "checkpoints" / str(step)).rglob("*") if p.parent.name == "d"]
-    assert files
-    for data in files:
-        os.truncate(data, data.stat().st_size // 2)
+    """Cuts the array data files of checkpoint `step` to 1000 bytes (conftest.DAMAGE)."""
+    DAMAGE["data truncated"](workdir / "checkpoints" / str(step), None)
 
 
 class StopPolling(Exception):
@@ -433,7 +431,7 @@ def test_eval_job_records_an_unreadable_checkpoint_as_skipped_and_never_retries_
     lines = read_lines(workdir)
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert "skipped" not in lines[0] and "skipped" not in lines[2]
-    assert lines[1]["skipped"].startswith("unreadable checkpoint: 2/default/")
+    assert lines[1]["skipped"].startswith("unreadable checkpoint: array ")
     assert "truncated" in lines[1]["skipped"]
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "Event loop is closed" not in out + err
@@ -469,7 +467,7 @@ def test_eval_job_with_no_readable_checkpoint_is_one_error(workdir, capfd, monke
         job.evaluate_checkpoints(config, workdir)
     message = str(info.value)
     assert "\n" not in message and message.startswith("no readable checkpoint in ")
-    assert all(f"step {s}: {s}/default/" in message for s in (1, 2, 3))
+    assert all(f"step {s}: array " in message for s in (1, 2, 3))
     assert [r["step"] for r in read_lines(workdir) if "skipped" in r] == [1, 2, 3]
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "Event loop is closed" not in out + err

@@ -32,6 +32,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from diffusion_jax.errors import ConfigError
+
 # name -> "module.Class" in this package, imported on first use (so that
 # `python -m diffusion_jax.evaluation.quality` does not import itself twice).
 EVALUATORS = {
@@ -48,7 +50,7 @@ IMAGE_EVALUATORS = ("bpd", "ode_bpd", "interpolation", "fid")
 
 def instances(config: Any) -> dict[str, tuple[str, Any]]:
     """{instance name: (evaluator type, the config it runs with)} of `config.eval.evaluators`
-    (module docstring); ValueError for a name that is neither a type nor an instance."""
+    (module docstring); ConfigError for a name that is neither a type nor an instance."""
     defined = config.eval.get("instances", None) or {}
     out = {}
     for name in config.eval.evaluators:
@@ -56,14 +58,14 @@ def instances(config: Any) -> dict[str, tuple[str, Any]]:
             out[name] = (name, config)
             continue
         if name not in defined:
-            raise ValueError(
+            raise ConfigError(
                 f"config.eval.evaluators: {name!r} is neither an evaluator "
                 f"({', '.join(EVALUATORS)}) nor an instance of config.eval.instances"
             )
         spec = defined[name]
         kind = spec.get("type", "")
         if kind not in EVALUATORS:
-            raise ValueError(
+            raise ConfigError(
                 f"config.eval.instances.{name}.type={kind!r}; allowed: {', '.join(EVALUATORS)}"
             )
         own = config.copy_and_resolve_references()
@@ -71,7 +73,7 @@ def instances(config: Any) -> dict[str, tuple[str, Any]]:
             for section in ("sampling", "eval"):
                 for key, value in (spec.get(section, None) or {}).items():
                     if key not in own[section]:
-                        raise ValueError(
+                        raise ConfigError(
                             f"config.eval.instances.{name}.{section}.{key}: config.{section} "
                             f"has no field {key!r}"
                         )
@@ -81,8 +83,8 @@ def instances(config: Any) -> dict[str, tuple[str, Any]]:
 
 
 def evaluator_class(name: str) -> type:
-    """The evaluator class registered as `name` (ValueError naming the allowed ones)."""
+    """The evaluator class registered as `name` (ConfigError naming the allowed ones)."""
     if name not in EVALUATORS:
-        raise ValueError(f"evaluator {name!r}; allowed: {', '.join(EVALUATORS)}")
+        raise ConfigError(f"evaluator {name!r}; allowed: {', '.join(EVALUATORS)}")
     module, cls = EVALUATORS[name].split(".")
     return getattr(importlib.import_module(f"diffusion_jax.evaluation.{module}"), cls)

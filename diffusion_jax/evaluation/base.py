@@ -22,7 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import distributed, generation, logs, sample
+from diffusion_jax import distributed, errors, generation, logs, sample
 from diffusion_jax.sampling import registry
 
 
@@ -107,7 +107,7 @@ def sum_over_batches(
         mean = total[mean_of] / max(total["count"], 1)
         logs.log(f"  {name}: {int(total['count'])} examples, running mean {mean:.4f}")
     if total is None or total["count"] <= 0:
-        raise ValueError(f"{name}: the evaluation split yielded no examples")
+        raise errors.UserError(f"{name}: the evaluation split yielded no examples")
     return {k: float(v) if v.ndim == 0 else v for k, v in total.items()}
 
 

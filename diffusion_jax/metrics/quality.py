@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.metrics import digits, points
 
 # Datasets with a quality metric, and the key of its headline number and floor.
@@ -26,7 +27,7 @@ def score(samples: np.ndarray) -> dict[str, float]:
         return points.sample_quality(samples)
     if samples.ndim == 4 and samples.shape[1:3] == (8, 8):
         return digits.sample_quality(samples)
-    raise ValueError(
+    raise errors.InputError(
         f"samples of shape {samples.shape[1:]}: a quality metric exists for 8x8 digits "
         "[N, 8, 8, 1] and 2-D points [N, 2] only (use FID for other images)"
     )

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import schedules
+from diffusion_jax.errors import ConfigError
 
 # Model outputs that can be turned into (eps, x0) at any time; 'xprev' only on the chain.
 ODE_MODEL_OUTPUTS = ("eps", "x0", "v")
@@ -163,7 +164,7 @@ def eps_and_x0(
         return (x - alpha * out) / sigma, out
     if model_output == "v":
         return sigma * x + alpha * out, alpha * x - sigma * out
-    raise ValueError(
+    raise ConfigError(
         f"diffusion.model_output={model_output!r} has no form at an arbitrary time; "
         f"allowed: {', '.join(ODE_MODEL_OUTPUTS)}"
     )
