@@ -111,3 +111,10 @@ def rate_distortion_image(rate: np.ndarray, distortion: np.ndarray) -> np.ndarra
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _figure_image(fig)
+
+
+def save_grid(images: np.ndarray, path: str | Path, ncol: int | None = None) -> np.ndarray:
+    """Saves [N, H, W, C] images in [-1, 1] as one PNG grid (`grid_image`); returns it."""
+    grid = grid_image(images, ncol)
+    save_png(grid, path)
+    return grid

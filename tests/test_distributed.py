@@ -115,7 +115,7 @@ def _compile_inception(mesh):
     "compile_programs,modules",
     [
         (_compile_train, ["jit_multi_step"]),
-        (_compile_sampler_and_bpd, ["jit_run"] * 2),
+        (_compile_sampler_and_bpd, ["jit_draw", "jit_run"]),
         (_compile_inception, ["jit_forward"]),
     ],
 )
