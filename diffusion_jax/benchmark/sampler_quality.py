@@ -78,7 +78,12 @@ def _sampling(config: Any, overrides: dict[str, Any]) -> Any:
 
 
 def measure(
-    config: Any, workdir: str, num_samples: int, nfes: list[int], methods: list[str]
+    config: Any,
+    workdir: str,
+    num_samples: int,
+    nfes: list[int],
+    methods: list[str],
+    paper: bool = True,
 ) -> list[dict]:
     """Rows {'method', 'nfe', 'seconds', **quality.score} for `methods` at every NFE."""
     config_checks.validate_config(config, "sample")
@@ -89,7 +94,7 @@ def measure(
     apply = generation.model_apply(graphdef, rest)
     key = streams.key(config.seed, streams.Stream.SAMPLES)
     labels = generation.default_labels(config, num_samples)
-    settings = [("ancestral (paper)", {"method": "ancestral", "num_steps": 0})]
+    settings = [("ancestral (paper)", {"method": "ancestral", "num_steps": 0})] if paper else []
     settings += [(name, METHODS[name](n)) for n in nfes for name in methods]
     rows = []
     for name, overrides in settings:
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_samples", type=int, default=800)
     p.add_argument("--nfe", default="10,20,50")
     p.add_argument("--methods", default=",".join(METHODS), help="names of METHODS, comma-separated")
+    p.add_argument("--no_paper", action="store_true", help="leave out the 1000-step chain row")
     p.add_argument("--out", default="")
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     args = p.parse_args(argv)
@@ -152,7 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         if config is None:
             raise errors.UserError(f"no config.json in {args.workdir}")
         nfes = [int(n) for n in args.nfe.split(",")]
-        rows = measure(config, args.workdir, args.num_samples, nfes)
+        methods = args.methods.split(",")
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise errors.UserError(f"unknown --methods {unknown}; allowed: {', '.join(METHODS)}")
+        rows = measure(config, args.workdir, args.num_samples, nfes, methods, not args.no_paper)
     device = f"{jax.device_count()} {jax.devices()[0].platform}, jax {jax.__version__}"
     print(table(rows, device))
     if args.out:
