@@ -297,51 +297,61 @@ _CALLEE = re.compile(
     r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
     r"|branch_computations=\{([^}]*)\}"
 )
+_PRODUCT = re.compile(r" (convolution|dot)\(")
 
 
-def loop_trips(hlo: str) -> int:
-    """How many times the innermost loop body of a compiled program runs per call: the
-    largest product of `while` trip counts along a chain of nested loops (a scan's counter
-    runs from 0 to the constant its condition compares with). XLA's cost analysis counts a
-    loop body once; its totals times this count are the per-call cost, counting the work
-    outside the loops that many times too (an overestimate by that work's small share)."""
-    bodies: dict[str, list[str]] = {}
-    calls: dict[str, list[tuple[str, str | None]]] = {}  # computation -> (callee, condition)
+def loop_factor(hlo: str) -> float:
+    """How many times more often a compiled program's convolutions and matrix products run
+    per call than they appear in its HLO, where XLA's cost analysis counts each once. A
+    `while` body runs as often as XLA's `known_trip_count` says, else as its condition
+    allows (a scan's counter runs from 0 to the constant it is compared with); nested loops
+    multiply. Small loops without such products (e.g. `searchsorted`'s binary search) weigh
+    nothing. The cost analysis' totals times this factor are the per-call cost, the
+    elementwise work outside the loops counted that many times too (an overestimate by that
+    work's small share)."""
+    body: dict[str, list[str]] = {}
+    # computation -> [(callee, None | a while's trip count or condition computation)]
+    calls: dict[str, list[tuple[str, str | None]]] = {}
     entry, current = None, None
     for line in hlo.splitlines():
         m = _COMPUTATION.match(line)
         if m and not line.startswith(" "):
             current = m.group(1)
-            bodies[current], calls[current] = [], []
+            body[current], calls[current] = [], []
             entry = current if line.startswith("ENTRY") else entry
             continue
         if current is None:
             continue
-        bodies[current].append(line)
+        body[current].append(line)
         loop = re.search(r" while\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)", line)
         if loop:
-            calls[current].append((loop.group(2), loop.group(1)))
+            known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            calls[current].append((loop.group(2), known.group(1) if known else loop.group(1)))
             continue
         for callee, branches in _CALLEE.findall(line):
             for name in [callee] if callee else re.findall(r"%?([\w.\-]+)", branches):
                 calls[current].append((name, None))
 
     def trips(condition: str) -> int:
-        text = "\n".join(bodies.get(condition, []))
+        """The trip count XLA noted on the loop, else read from its condition (`i < N`)."""
+        if condition.isdigit():
+            return int(condition)
+        lines = body.get(condition, [])
+        text = "\n".join(lines + [x for c, _ in calls.get(condition, []) for x in body.get(c, [])])
         bound = re.findall(r"s32\[\]\S* constant\((\d+)\)", text)
         return int(bound[0]) if bound and "direction=LT" in text else 1
 
     @functools.cache
-    def deepest(name: str) -> int:  # HLO's call graph has no cycles
-        return max(
-            [
-                (trips(cond) if cond else 1) * deepest(callee)
-                for callee, cond in calls.get(name, [])
-            ],
-            default=1,
+    def products(name: str, executed: bool) -> int:  # HLO's call graph has no cycles
+        own = sum(1 for line in body.get(name, []) if _PRODUCT.search(line))
+        return own + sum(
+            (trips(cond) if cond and executed else 1) * products(callee, executed)
+            for callee, cond in calls.get(name, [])
         )
 
-    return deepest(entry) if entry else 1
+    if entry is None or products(entry, False) == 0:
+        return 1.0
+    return products(entry, True) / products(entry, False)
 
 
 def largest_buffers(hlo: str, top: int = 3) -> list[tuple[str, int]]:
@@ -381,9 +391,9 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
     alias = int(getattr(mem, "alias_size_in_bytes", 0))
     peak = argument + output - alias + temp + code
     hlo = compiled.as_text()
-    trips = loop_trips(hlo)  # the cost analysis counts a loop body once
-    estimate = trips * float(cost.get("optimal_seconds", float("nan")))
-    flops = trips * float(cost.get("flops", 0.0))
+    factor = loop_factor(hlo)  # the cost analysis counts a loop body once
+    estimate = factor * float(cost.get("optimal_seconds", float("nan")))
+    flops = factor * float(cost.get("flops", 0.0))
     return {
         "program": program.name,
         "topology": topo.name,
@@ -398,8 +408,8 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
         "hbm_bytes": topo.hbm_bytes,
         "fits": peak <= topo.hbm_bytes,
         "flops": flops,
-        "bytes_accessed": trips * float(cost.get("bytes accessed", 0.0)),
-        "loop_trips": trips,
+        "bytes_accessed": factor * float(cost.get("bytes accessed", 0.0)),
+        "loop_factor": factor,
         "estimated_seconds": estimate,
         "per_second": program.units / estimate if estimate > 0 else float("nan"),
         "unit": program.unit,
@@ -466,9 +476,15 @@ def run(
     for program in build_programs(config, topo, programs):
         log(f"compiling {program.name} ...")
         rows.append(analyse(program, topo))
+        r = rows[-1]
+        log(
+            f"  {r['compile_seconds']:.0f} s; {r['peak_bytes'] / GiB:.2f} of "
+            f"{r['hbm_bytes'] / GiB:.0f} GiB per device; estimated {r['estimated_seconds']:.4g} s "
+            "per call"
+        )
+        if json_path:  # after each program, so that a long run leaves what it finished
+            Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
     log(format_table(rows))
-    if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
     too_big = [r for r in rows if not r["fits"]]
     if too_big:
         r = too_big[0]
