@@ -373,16 +373,18 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
     """Compiles `program` and returns its row (see the module doc); UserError when the
     compiler runs out of the device's memory."""
     start = time.perf_counter()
+    lowered = program.fn.lower(*program.args)
     try:
-        compiled = program.fn.lower(*program.args).compile()
+        compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only running out of HBM is the user's to fix
         text = str(e)
         if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
             raise
-        detail = " ".join(text.split())[:400]
+        largest = largest_buffers(lowered.as_text(dialect="hlo"))
         raise errors.UserError(
             f"{program.name} does not fit {topo.name} ({topo.hbm_bytes / GiB:.1f} GiB HBM per "
-            f"device): {detail}"
+            f"device): {' '.join(text.split())[:300]} Largest arrays (global shapes): "
+            + ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in largest)
         ) from e
     seconds = time.perf_counter() - start
     mem, cost = compiled.memory_analysis(), _cost(compiled)

@@ -130,6 +130,15 @@ def test_a_program_that_does_not_fit_ends_in_one_line_naming_it(monkeypatch):
         aot.run(_config(16), "v3:2x2", ("sample",), log=lambda _: None)
 
 
+@needs_libtpu
+@pytest.mark.slow
+def test_a_program_the_compiler_cannot_fit_ends_in_one_line_naming_it():
+    config = _config(16)
+    config.training.batch_size = 2**23  # about 240 GiB of temporaries per device
+    with pytest.raises(errors.UserError, match=r"^train does not fit v3:2x2 .*Largest arrays"):
+        aot.run(config, "v3:2x2", ("train",), log=lambda _: None)
+
+
 def test_unknown_topology_and_missing_libtpu_are_user_errors(monkeypatch):
     with pytest.raises(errors.UserError, match="unknown TPU topology 'v9-8'"):
         aot.get_topology("v9-8")
