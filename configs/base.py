@@ -24,8 +24,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     data.tfrecord_pattern = ""  # LSUN: glob of TFRecord files, relative to data_dir if not absolute
     data.train_split = "train"
     data.eval_split = "test"
-    data.num_classes = 10  # classes in the dataset (used only when the model is conditional)
     data.prefetch = 2
+    data.shuffle_buffer = 10_000  # streamed datasets (celeb_a_hq, LSUN): tf.data shuffle buffer
     data.levels = 256  # grey levels per channel of the data; stored samples are rounded to them
 
     config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -28,7 +28,6 @@ def get_config():
     config.data.image_size = 8
     config.data.channels = 1
     config.data.random_flip = False  # digits are not mirror-symmetric
-    config.data.num_classes = 10
     config.data.levels = 17  # scikit-learn's pixel counts 0..16
 
     config.diffusion.schedule = "cosine"  # the paper's: "linear" (see the docstring)

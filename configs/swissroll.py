@@ -9,7 +9,6 @@ def get_config():
     config.data.name = "swissroll"
     config.data.channels = 2  # the data dimension
     config.data.random_flip = False
-    config.data.num_classes = 0
 
     config.diffusion.schedule = "cosine"
     config.diffusion.num_timesteps = 100

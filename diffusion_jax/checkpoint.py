@@ -4,19 +4,27 @@ Saves are asynchronous; the manager keeps the last `training.keep` checkpoints p
 `training.keep_every`-th step for evaluation. Orbax finalises a checkpoint by an atomic
 rename, so `latest_step()` never returns a half-written one.
 
-Faults end in one line (`CheckpointError`, which main.py prints before exiting with status
-1) instead of TensorStore's and asyncio's tracebacks: a checkpoint that cannot be read
-(truncated, corrupt or missing files) is `UnreadableCheckpointError` naming it and the root
-cause, and readers fall back to the newest readable one; a save that fails (e.g. a full
-disk), in the foreground or in orbax's background thread, names the step and the directory.
-A damaged checkpoint is never deleted: training moves it aside to `<step>.damaged-<time>`.
+Faults end in one line (`CheckpointError`, a `UserError` that main.py prints before exiting
+with status 1) instead of TensorStore's and asyncio's tracebacks. What a failed read means is
+decided from the checkpoint and the storage, not from any library's message: when reading
+checkpoint s fails in any way while the storage answers (its folders list, its files open),
+checkpoint s is damaged (`UnreadableCheckpointError`, naming the root cause of the failure)
+and readers fall back to the newest readable one; when the storage does not answer, the error
+says so and nothing is changed. Every checkpoint also records a checksum of each array
+(`state_checksums`, in orbax's step metadata), verified after every restore: TensorStore
+checksums only its indices, so bytes overwritten inside array data would otherwise restore
+as wrong numbers without an error. A save that fails (e.g. a full disk), in the foreground or
+in orbax's background thread, names the step and the directory. A damaged checkpoint is never
+deleted: training moves it aside to `<step>.damaged-<time>`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -26,15 +34,16 @@ from pathlib import PurePath
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from diffusion_jax import logs, models
+from diffusion_jax import errors, logs, models
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError):
     """A checkpoint could not be read or written. The message is one line: which checkpoint,
     why (the root cause in a few words) and what to do."""
 
@@ -72,7 +81,22 @@ def manager(
         cleanup_tmp_directories=True,
         async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
     )
-    return ocp.CheckpointManager(epath.Path(directory), options=options)
+    with _without_orbax_logs():
+        return ocp.CheckpointManager(epath.Path(directory), options=options)
+
+
+@contextlib.contextmanager
+def _without_orbax_logs():
+    """Drops orbax's log records while a manager is built: it reads every step's metadata and
+    logs each damaged one as an error, which `restore` reports in one line when it reads it."""
+    logger = logging.getLogger("absl")
+    quiet = logging.Filter()
+    quiet.filter = lambda record: "orbax" not in PurePath(record.pathname).parts
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def save(
@@ -86,8 +110,11 @@ def save(
     """Starts writing `state` as checkpoint `step` (in the background for an asynchronous
     manager). CheckpointError (one line) if it cannot be; `last_complete`, the newest
     checkpoint known to be complete, is named in it."""
+    metadata = {CHECKSUMS_KEY: state_checksums(state)}
     try:
-        return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+        return mngr.save(
+            step, args=ocp.args.StandardSave(state), force=force, custom_metadata=metadata
+        )
     except Exception as e:  # noqa: BLE001 - every write failure becomes the one line
         _let_background_writers_end()
         raise write_error(mngr.directory, step, e, last_complete) from None
@@ -139,8 +166,8 @@ def write_error(
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
     """Restores `step` into the structure, shapes and shardings of `abstract_state`.
 
-    UnreadableCheckpointError (the same on every process) when its files are damaged;
-    ValueError when it holds another structure or other shapes than `abstract_state`;
+    UnreadableCheckpointError (the same on every process) when the checkpoint is damaged;
+    ConfigError when it holds another structure or other shapes than `abstract_state`;
     CheckpointError when the storage could not be read (unreachable, no permission).
     """
     directory = epath.Path(mngr.directory)
@@ -155,21 +182,87 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
 
 
 def _read(mngr, directory: epath.Path, step: int, abstract_state: Any) -> Any:
+    """Checkpoint `step`, verified against its recorded checksums. Any failure to read it is
+    classified by `_read_error`, from the storage, whatever its type or text."""
     _quiet_reported_errors()
     try:
+        checksums = _recorded_checksums(directory / str(step))
         saved = ocp.StandardCheckpointHandler().metadata(directory / str(step) / "default")
-    except Exception as e:  # noqa: BLE001
-        raise _read_error(directory, step, e) from None
+    except UnreadableCheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - what it means is decided from the storage
+        raise _read_error(directory, step, e) from e
     mismatch = _structure_mismatch(abstract_state, saved)
     if mismatch:
-        raise ValueError(
+        raise errors.ConfigError(
             f"checkpoint {step} in {directory} does not fit this config and code: {mismatch} "
             "(another model or training state than this config's; not a damaged checkpoint)"
         )
     try:
-        return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # noqa: BLE001
-        raise _read_error(directory, step, e) from None
+        raise _read_error(directory, step, e) from e
+    if checksums is not None:
+        differ = sorted(k for k, v in state_checksums(state).items() if checksums.get(k) != v)
+        if differ:
+            raise UnreadableCheckpointError(
+                directory,
+                step,
+                f"{len(differ)} arrays do not match the checksums recorded when it was saved "
+                f"(e.g. {differ[0]}): their bytes were changed",
+            )
+    return state
+
+
+# The key of the per-array checksums in orbax's step metadata (`_CHECKPOINT_METADATA`).
+CHECKSUMS_KEY = "diffusion_jax_checksums"
+_STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's metadata file of a step, JSON
+_CHECKSUM_MULTIPLIER = 0x9E3779B1  # odd, so i -> i * m is a bijection of uint32
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """[2] uint32 of one array: the sum of its elements' bits and their sum weighted by a
+    bijective hash of the flat index, both modulo 2^32. Integer sums wrap exactly, so the
+    result does not depend on the array's sharding or the order of the reduction; any change
+    of one element changes both."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    for axis in range(x.ndim):
+        stride = np.uint32(math.prod(x.shape[axis + 1 :]))
+        index += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * stride
+    weight = index * np.uint32(_CHECKSUM_MULTIPLIER) + np.uint32(1)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def state_checksums(state: Any) -> dict[str, list[int]]:
+    """{array name: [sum of bits, index-weighted sum of bits] (mod 2^32)} of every array in
+    `state`, computed on its devices; the same on every process."""
+    sums = jax.device_get(_checksums(state))
+    leaves = jax.tree_util.tree_flatten_with_path(sums)[0]
+    return {_path_name(path): [int(v) for v in np.asarray(leaf)] for path, leaf in leaves}
+
+
+def _recorded_checksums(step_dir: epath.Path) -> dict[str, list[int]] | None:
+    """The checksums saved with the checkpoint in `step_dir` (None for one written before they
+    were recorded). Raises when orbax's step metadata is missing or not JSON (damaged)."""
+    text = (step_dir / _STEP_METADATA).read_text()
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UnreadableCheckpointError(
+            step_dir.parent,
+            int(step_dir.name),
+            f"{step_dir.name}/{_STEP_METADATA}: not valid JSON ({e.msg}; {len(text)} bytes)",
+        ) from e
+    return (metadata.get("custom_metadata") or {}).get(CHECKSUMS_KEY)
 
 
 def _all_processes(ok: bool) -> bool:
@@ -253,7 +346,8 @@ def move_aside(directory: epath.Path, step: int, reason: str) -> epath.Path:
 # ---------------------------------------------------------------------------------------------
 # Errors in a few words, and the tracebacks they would otherwise print
 
-# TensorStore's status codes that mean the stored bytes are bad, not the storage unreachable.
+# TensorStore's status codes of stored bytes that are bad: used only to keep the tracebacks
+# orbax logs for an error we report in one line off the console, never to classify it.
 _DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION")
 _STATUS = re.compile(r"^([A-Z_]+): ")
 _SPEC = re.compile(r"\s*\[(tensorstore_spec|source locations)\b.*", re.S)
@@ -266,31 +360,45 @@ def _error_text(error: BaseException, root: str | epath.Path | None = None) -> s
     return text
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions a traceback shows below it (raised from, or while handling
+    and not suppressed), outermost first; the last is the root cause."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return chain
+
+
 def _is_disk_full(error: BaseException) -> bool:
-    while error is not None:
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             return True
-        if "No space left on device" in str(error):
+        if "No space left on device" in str(e):
             return True
-        error = error.__cause__ or error.__context__
     return False
 
 
 def describe_error(error: BaseException, root: str | epath.Path | None = None) -> str:
-    """The root cause of an orbax/TensorStore I/O error in a few words, paths relative to
-    `root`: e.g. 'no space left on device', '6/default/d/0a1b...: truncated (50589 of 101178
+    """The root cause of an I/O error in a few words, paths relative to `root`, from the
+    innermost exception of its chain: e.g. 'no space left on device', '6/default/d/0a1b...:
+    truncated (50589 of 101178 bytes)', 'array params.conv_in.kernel: truncated (1000 of 4096
     bytes)', '6/default/manifest.ocdbt: data loss (...)'."""
     if _is_disk_full(error):
         return "no space left on device"
+    error = _chain(error)[-1]
     text = _error_text(error, root)
     status = _STATUS.match(text)
     files = [f for f in re.findall(r'file "([^"]+)"', text) if not f.endswith("/")]
-    where = f"{files[-1]}: " if files else ""
+    array = re.match(r'[A-Z_]+: Error reading "([^"/]+?)(\.value)?/', text)
+    where = f"{files[-1]}: " if files else f"array {array[1]}: " if array else ""
     size = re.search(r"byte range \[\d+, (\d+)\) is not valid for value of size (\d+)", text)
     if size:
         why = f"truncated ({size[2]} of {size[1]} bytes)"
     elif isinstance(error, json.JSONDecodeError):
         where, why = "", f"a metadata file is not valid JSON ({error.msg}; truncated?)"
+    elif isinstance(error, FileNotFoundError) and error.filename:
+        where, why = "", f"{_error_text(OSError(error.filename), root)}: missing"
     elif status and status[1] == "NOT_FOUND":
         why = "missing" if where else text.rsplit(": ", 1)[-1]
     elif status:
@@ -301,22 +409,44 @@ def describe_error(error: BaseException, root: str | epath.Path | None = None) -
     return message if len(message) <= 300 else message[:297] + "..."
 
 
+def _storage_problem(directory: epath.Path, step: int) -> str | None:
+    """Why the storage of `directory` does not answer, or None when it does: the checkpoints
+    folder lists, and every folder of checkpoint `step` lists and every file in it opens and
+    reads. Files or folders of the step that are gone are damage, not a storage problem."""
+    try:
+        list(directory.iterdir())
+    except Exception as e:  # noqa: BLE001 - whatever the store raises, it did not answer
+        return f"cannot list {directory}: {type(e).__name__}: {_error_text(e)}"
+    folders = [directory / str(step)]
+    try:
+        while folders:
+            for path in folders.pop().iterdir():
+                if path.is_dir():
+                    folders.append(path)
+                else:
+                    with path.open("rb") as f:
+                        f.read(1)
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001
+        return f"cannot read {directory / str(step)}: {type(e).__name__}: {_error_text(e)}"
+    return None
+
+
 def _read_error(directory: epath.Path, step: int, error: Exception) -> CheckpointError:
-    """UnreadableCheckpointError for damaged files; CheckpointError (no fallback to older
-    checkpoints) when the storage itself failed; other errors are bugs and raised as is."""
-    text = _error_text(error)
-    status = _STATUS.match(text)
-    reason = describe_error(error, directory)
-    if isinstance(error, json.JSONDecodeError | UnicodeDecodeError | EOFError | FileNotFoundError):
-        return UnreadableCheckpointError(directory, step, reason)
-    if status and status[1] in _DAMAGE_CODES:
-        return UnreadableCheckpointError(directory, step, reason)
-    if status or isinstance(error, OSError):
-        return CheckpointError(
-            f"could not read checkpoint {step} in {directory}: {reason}; nothing was changed "
-            "(is the storage reachable and readable?): rerun once it is"
-        )
-    raise error
+    """What a failed read of checkpoint `step` means, decided from the storage: damaged
+    (UnreadableCheckpointError, readers fall back) while the storage answers, else a
+    CheckpointError that changes nothing. Running out of host or device memory is neither:
+    it is raised as it is."""
+    if any(isinstance(e, MemoryError | jax.errors.JaxRuntimeError) for e in _chain(error)):
+        raise error
+    problem = _storage_problem(directory, step)
+    if problem is None:
+        return UnreadableCheckpointError(directory, step, describe_error(error, directory))
+    return CheckpointError(
+        f"could not read checkpoint {step} in {directory}: {problem}; nothing was changed "
+        "(is the storage reachable and readable?): rerun once it is"
+    )
 
 
 def _path_name(path) -> str:
@@ -360,7 +490,7 @@ def _reported_by_us(exc: BaseException | None) -> bool:
         return False
     if _is_disk_full(exc):
         return True
-    status = _STATUS.match(_error_text(exc))
+    status = _STATUS.match(_error_text(_chain(exc)[-1]))
     return bool(status) and status[1] in _DAMAGE_CODES + ("RESOURCE_EXHAUSTED",)
 
 
@@ -410,7 +540,7 @@ def config_path(workdir: str | epath.Path) -> epath.Path:
 def write_config(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> None:
     path = config_path(workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    write_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True).encode())
 
 
 def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict | None:
@@ -421,7 +551,7 @@ def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict | None:
 
 
 def check_compatible(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses (ValueError) a config whose parameter shapes differ from those of the run
+    """Refuses (ConfigError) a config whose parameter shapes differ from those of the run
     saved in `workdir` (`models.shape_signature`), and warns about other differing network
     fields (e.g. model.num_groups of an imported model)."""
     saved = read_config(workdir)
@@ -434,7 +564,7 @@ def check_compatible(workdir: str | epath.Path, config: ml_collections.ConfigDic
         if theirs.get(k) != v
     ]
     if diffs:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{workdir} holds a run with a different model shape, so it cannot be used with "
             "this config:\n  "
             + "\n  ".join(diffs)
@@ -461,7 +591,8 @@ def reader(workdir: str | epath.Path) -> ocp.CheckpointManager:
     """A manager that neither creates, deletes nor saves anything."""
     _quiet_reported_errors()
     options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(checkpoints_dir(workdir), options=options)
+    with _without_orbax_logs():
+        return ocp.CheckpointManager(checkpoints_dir(workdir), options=options)
 
 
 def checkpoint_steps(workdir: str | epath.Path) -> list[int]:
@@ -501,9 +632,9 @@ def restore_newest_step(
 
 
 def check_workdir_exists(workdir: str | epath.Path) -> None:
-    """FileNotFoundError saying that `workdir` does not exist (a typo?)."""
+    """UserError saying that `workdir` does not exist (a typo?)."""
     if not epath.Path(workdir).exists():
-        raise FileNotFoundError(
+        raise errors.UserError(
             f"the workdir {workdir} does not exist (a typo?); give the --workdir of a training "
             "run, or import released weights with `python -m diffusion_jax.convert --source SRC "
             "--workdir DIR --config FILE`"

@@ -1,6 +1,6 @@
 """Every check of a config, in one place, run by every mode before anything compiles.
 
-Each check raises ValueError naming the field, its value and what is allowed; `main` turns it
+Each check raises ConfigError naming the field, its value and what is allowed; `main` turns it
 into one line on stderr and exit code 1.
 """
 
@@ -11,6 +11,8 @@ import ml_collections
 
 from diffusion_jax import (
     continuous_time,
+    errors,
+    generation,
     input_pipeline,
     losses,
     models,
@@ -32,21 +34,21 @@ def _positive(config: ml_collections.ConfigDict, fields: tuple[str, ...], strict
         value = config[section][key]
         if (value <= 0) if strict else (value < 0):
             bound = "> 0" if strict else ">= 0"
-            raise ValueError(f"config.{name}={value!r} must be {bound}")
+            raise errors.ConfigError(f"config.{name}={value!r} must be {bound}")
 
 
 def _choice(config: ml_collections.ConfigDict, name: str, allowed: tuple[str, ...]) -> None:
     section, key = name.split(".")
     value = config[section][key]
     if value not in allowed:
-        raise ValueError(f"config.{name}={value!r}; allowed: {', '.join(allowed)}")
+        raise errors.ConfigError(f"config.{name}={value!r}; allowed: {', '.join(allowed)}")
 
 
 def _divisible(config: ml_collections.ConfigDict, name: str, num_devices: int) -> None:
     section, key = name.split(".")
     value = config[section][key]
     if value % num_devices:
-        raise ValueError(
+        raise errors.ConfigError(
             f"config.{name}={value} is not divisible by the {num_devices} devices; "
             f"use a multiple of {num_devices}"
         )
@@ -68,7 +70,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
     _positive(config, ("diffusion.beta_start", "diffusion.beta_end"))
     _positive(config, ("model.dropout", "diffusion.hybrid_lambda"), strict=False)
     if not 2 <= config.data.levels <= 256:
-        raise ValueError(f"config.data.levels={config.data.levels!r} must be in [2, 256]")
+        raise errors.ConfigError(f"config.data.levels={config.data.levels!r} must be in [2, 256]")
     state.abstract_model(config)  # the network's own checks, shapes only
 
 
@@ -98,16 +100,50 @@ def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for name in ("ema_decay", "label_dropout"):
         value = config.training[name]
         if not 0.0 <= value < 1.0:
-            raise ValueError(f"config.training.{name}={value!r} must be in [0, 1)")
+            raise errors.ConfigError(f"config.training.{name}={value!r} must be in [0, 1)")
     _divisible(config, "training.batch_size", num_devices)
+    _needs_classes(config, "training.label_dropout")
 
 
-def check_sampling(config: ml_collections.ConfigDict) -> None:
-    """The sampler settings (method, steps, spacing, order), for every mode: training
-    previews sample too."""
+def _needs_classes(config: ml_collections.ConfigDict, name: str) -> None:
+    """`name` (label dropout, guidance) does something only for a class-conditional model."""
+    section, key = name.split(".")
+    if config[section][key] > 0 and not config.model.num_classes:
+        raise errors.ConfigError(
+            f"config.{name}={config[section][key]!r} needs a class-conditional model, but "
+            "config.model.num_classes=0; set model.num_classes to the number of classes, or "
+            f"{name}=0"
+        )
+
+
+def check_sampling(config: ml_collections.ConfigDict, mode: str = "train") -> None:
+    """The sampler settings (method, steps, spacing, order, guidance), for every mode:
+    training previews and final samples sample too."""
     solvers.validate_sampling(
         config.sampling, config.diffusion.num_timesteps, config.diffusion.model_output
     )
+    _needs_classes(config, "sampling.guidance_scale")
+    if config.diffusion.model_output == "xprev":
+        chains = {"sampling.respacing / sampling.num_steps": config.sampling.respacing}
+        if mode == "train" and config.training.sample_every > 0:
+            chains["sampling.preview_respacing"] = config.sampling.preview_respacing
+        for name, respacing in chains.items():
+            _check_xprev_chain(config, name, respacing)
+
+
+def _check_xprev_chain(config: ml_collections.ConfigDict, name: str, respacing: str) -> None:
+    """An xprev network predicts the posterior mean of one step t -> t-1 of the full T-step
+    chain (DDPM eq. 7); a respaced chain would read it as the mean of a longer step t -> s
+    and sample from the wrong distribution, so only the full chain may run it."""
+    num_timesteps = config.diffusion.num_timesteps
+    steps = generation.chain_diffusion(config, respacing).num_timesteps
+    if steps != num_timesteps:
+        raise errors.ConfigError(
+            f"diffusion.model_output='xprev' predicts one step of the full {num_timesteps}-"
+            f"step chain, so it cannot sample the {steps}-step chain that {name} choose "
+            f"(respacing={respacing!r}, num_steps={config.sampling.num_steps}); set them to "
+            "'' and 0 (the full chain), or train an eps, x0 or v model"
+        )
 
 
 def check_evaluation(config: ml_collections.ConfigDict) -> None:
@@ -115,16 +151,16 @@ def check_evaluation(config: ml_collections.ConfigDict) -> None:
 
     for name in config.eval.evaluators:
         if name not in EVALUATORS:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"config.eval.evaluators: {name!r} is not an evaluator; allowed: "
                 f"{', '.join(EVALUATORS)}"
             )
         if name in IMAGE_EVALUATORS and not input_pipeline.is_image_data(config):
-            raise ValueError(
+            raise errors.ConfigError(
                 f"config.eval.evaluators: {name!r} needs image data, not {config.data.name!r}"
             )
         if name == "quality" and config.data.name not in quality.HEADLINE:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"config.eval.evaluators: 'quality' has a metric for "
                 f"{', '.join(quality.HEADLINE)} only, not {config.data.name!r}; use 'fid'"
             )
@@ -136,7 +172,7 @@ def check_evaluation(config: ml_collections.ConfigDict) -> None:
         "is_splits",
     ):
         if int(config.eval[name]) < 1:
-            raise ValueError(f"config.eval.{name}={config.eval[name]!r} must be >= 1")
+            raise errors.ConfigError(f"config.eval.{name}={config.eval[name]!r} must be >= 1")
     _choice(config, "eval.precision", PRECISIONS)
     _choice(config, "eval.ode_solver", ode_likelihood.SOLVERS)
     _choice(config, "eval.ode_divergence", ode_likelihood.DIVERGENCES)
@@ -145,7 +181,7 @@ def check_evaluation(config: ml_collections.ConfigDict) -> None:
     if "ode_bpd" in config.eval.evaluators:
         _choice(config, "diffusion.model_output", continuous_time.ODE_MODEL_OUTPUTS)
     if 0 < config.eval.num_samples < config.eval.is_splits:
-        raise ValueError(
+        raise errors.ConfigError(
             f"config.eval.num_samples={config.eval.num_samples} is fewer than the "
             f"{config.eval.is_splits} Inception Score splits (eval.is_splits)"
         )
@@ -157,11 +193,11 @@ def validate_config(
     """All checks that `mode` ('train' | 'eval' | 'sample') needs; ValueError on the first
     bad value. Training previews sample, so every mode checks the sampler settings."""
     if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
+        raise errors.ConfigError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
     num_devices = num_devices or jax.device_count()
     check_model(config)
     check_training(config, num_devices)
-    check_sampling(config)
+    check_sampling(config, mode)
     if mode != "train":
         _divisible(config, "sampling.batch_size", num_devices)
         check_evaluation(config)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from diffusion_jax import errors
 from diffusion_jax.schedules import Diffusion
 
 # Model outputs that an ODE solver can turn into (eps, x0); 'xprev' cannot be.
@@ -122,7 +123,7 @@ def eps_and_x0(
     v = alpha eps - sigma x0 (Salimans & Ho 2022): eps = sigma x + alpha v, x0 = alpha x - sigma v.
     """
     if model_output_type not in ODE_MODEL_OUTPUTS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"diffusion.model_output={model_output_type!r} has no ODE form; "
             f"allowed: {', '.join(ODE_MODEL_OUTPUTS)}"
         )
@@ -170,7 +171,7 @@ def eps_and_x0_at(
 ) -> tuple[jax.Array, jax.Array]:
     """`eps_and_x0` given alpha_t and sigma_t ([] or [B]) instead of t."""
     if model_output_type not in ODE_MODEL_OUTPUTS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"diffusion.model_output={model_output_type!r} has no ODE form; "
             f"allowed: {', '.join(ODE_MODEL_OUTPUTS)}"
         )

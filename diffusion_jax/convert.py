@@ -61,7 +61,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from diffusion_jax import models
+from diffusion_jax import errors, models
 from diffusion_jax.models.unet import UNet
 
 SEP = "/"
@@ -127,7 +127,7 @@ def merge_imported_config(
             for k, v in imported[section].items():
                 out[section][k] = v
     if "diffusion" not in imported and out.diffusion.model_var_type in ("learned", "learned_range"):
-        raise ValueError(
+        raise errors.InputError(
             f"config.diffusion.model_var_type={out.diffusion.model_var_type!r} needs "
             f"2x{out.data.channels} output channels, but the imported network outputs "
             f"{out.data.channels} (fixed variance)"
@@ -193,7 +193,7 @@ def _map_params(
             if items:
                 lines.append(f"{title} ({len(items)}):")
                 lines.extend(f"  {s}" for s in items)
-        raise ValueError("\n".join(lines))
+        raise errors.InputError("\n".join(lines))
     return out
 
 
@@ -333,48 +333,50 @@ def diffusers_model_config(cfg_json: Mapping[str, Any]) -> ml_collections.Config
     c = {**_DIFFUSERS_DEFAULTS, **dict(cfg_json)}
     name = c.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
-        raise ValueError(f"config.json: _class_name={name!r}, expected 'UNet2DModel'")
+        raise errors.InputError(f"config.json: _class_name={name!r}, expected 'UNet2DModel'")
     bad = {k: c[k] for k, ok in _DIFFUSERS_REQUIRED.items() if c[k] not in ok}
     if bad:
         want = {k: _DIFFUSERS_REQUIRED[k] for k in bad}
-        raise ValueError(f"config.json: unsupported settings {bad}; the DDPM U-Net needs {want}")
+        raise errors.InputError(
+            f"config.json: unsupported settings {bad}; the DDPM U-Net needs {want}"
+        )
     boc = [int(b) for b in c["block_out_channels"]]
     ch = boc[0]
     if any(b % ch for b in boc):
-        raise ValueError(f"config.json: block_out_channels={boc} are not multiples of {ch}")
+        raise errors.InputError(f"config.json: block_out_channels={boc} are not multiples of {ch}")
     if c["time_embedding_dim"] not in (None, 4 * ch):
-        raise ValueError(
+        raise errors.InputError(
             f"config.json: time_embedding_dim={c['time_embedding_dim']}, need {4 * ch}"
         )
     size = c.get("sample_size")
     if isinstance(size, list | tuple):
         if len(set(size)) != 1:
-            raise ValueError(f"config.json: sample_size={size} is not square")
+            raise errors.InputError(f"config.json: sample_size={size} is not square")
         size = size[0]
     if size is None:
-        raise ValueError("config.json: sample_size is required")
+        raise errors.InputError("config.json: sample_size is required")
     size = int(size)
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
     n = len(boc)
     if len(down) != n or len(up) != n:
-        raise ValueError(
+        raise errors.InputError(
             f"config.json: {len(down)} down_block_types / {len(up)} up_block_types for {n} "
             f"block_out_channels"
         )
     allowed_down = ("DownBlock2D", "AttnDownBlock2D")
     if any(d not in allowed_down for d in down):
-        raise ValueError(f"config.json: down_block_types={down}; allowed {allowed_down}")
+        raise errors.InputError(f"config.json: down_block_types={down}; allowed {allowed_down}")
     attn_levels = [i for i, d in enumerate(down) if d == "AttnDownBlock2D"]
     want_up = ["AttnUpBlock2D" if (n - 1 - k) in attn_levels else "UpBlock2D" for k in range(n)]
     if up != want_up:
-        raise ValueError(
+        raise errors.InputError(
             f"config.json: up_block_types={up} do not mirror down_block_types={down}; "
             f"expected {want_up}"
         )
     head_dim = c["attention_head_dim"]
     widths = [boc[i] for i in attn_levels] + [boc[-1]]
     if head_dim is not None and any(int(head_dim) != w for w in widths):
-        raise ValueError(
+        raise errors.InputError(
             f"config.json: attention_head_dim={head_dim} means multi-head attention; the DDPM "
             f"U-Net is single-head (attention_head_dim null or equal to the widths {widths})"
         )
@@ -404,7 +406,7 @@ def read_diffusers_weights(folder: str | os.PathLike[str]) -> dict[str, np.ndarr
         from diffusion_jax.torch_pickle import load_torch_state_dict
 
         return load_torch_state_dict(binf)
-    raise FileNotFoundError(
+    raise errors.InputError(
         f"{folder}: neither diffusion_pytorch_model.safetensors nor diffusion_pytorch_model.bin"
     )
 
@@ -489,11 +491,13 @@ def select_tf_variables(
     ema = {k[: -len(EMA_SUFFIX)]: v for k, v in model.items() if k.endswith(EMA_SUFFIX)}
     raw = {k: v for k, v in model.items() if not k.endswith(EMA_SUFFIX)}
     if not raw and not ema:
-        raise ValueError(f"no variables under scope {scope!r}; found e.g. {sorted(variables)[:5]}")
+        raise errors.InputError(
+            f"no variables under scope {scope!r}; found e.g. {sorted(variables)[:5]}"
+        )
     if not use_ema or not ema:
         return raw if raw else ema
     if set(ema) != set(raw):
-        raise ValueError(
+        raise errors.InputError(
             f"partial EMA: variables without a shadow {sorted(set(raw) - set(ema))[:10]}, "
             f"shadows without a variable {sorted(set(ema) - set(raw))[:10]}"
         )
@@ -520,7 +524,7 @@ def tf_model_config(
 
     def shape(name: str) -> tuple[int, ...]:
         if s + name not in variables:
-            raise ValueError(f"checkpoint lacks {s + name}")
+            raise errors.InputError(f"checkpoint lacks {s + name}")
         return tuple(np.shape(variables[s + name]))
 
     kh, kw, cin, ch = shape("conv_in/W")
@@ -528,7 +532,7 @@ def tf_model_config(
         {int(k[len(s) + 5 :].split("/")[0]) for k in variables if k.startswith(s + "down_")}
     )
     if levels != list(range(len(levels))) or not levels:
-        raise ValueError(f"down levels {levels} are not 0..n-1")
+        raise errors.InputError(f"down levels {levels} are not 0..n-1")
     n_blocks = len(
         {k[len(s) :].split("/")[1] for k in variables if k.startswith(s + "down_0/block_")}
     )
@@ -536,7 +540,9 @@ def tf_model_config(
     attn_levels = [i for i in levels if any(k.startswith(f"{s}down_{i}/attn_") for k in variables)]
     if image_size is None:
         if not attn_levels:
-            raise ValueError("cannot infer the image size without attention; pass image_size")
+            raise errors.InputError(
+                "cannot infer the image size without attention; pass image_size"
+            )
         image_size = 16 * 2 ** attn_levels[0]
     out_ch = shape("conv_out/W")[3]
     with_conv = len(levels) == 1 or any(
@@ -586,7 +592,7 @@ def read_tf_checkpoint(ckpt_path: str | os.PathLike[str]) -> dict[str, np.ndarra
     if os.path.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"{path}: no TF checkpoint in this folder")
+            raise errors.InputError(f"{path}: no TF checkpoint in this folder")
         path = latest
     reader = tf.train.load_checkpoint(path)
     return {
@@ -658,7 +664,7 @@ def load_imported(out_dir: str | os.PathLike[str]) -> tuple[ml_collections.Confi
     with safe_open(path, framework="numpy") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a {FORMAT_NAME} file (metadata {meta})")
+        raise errors.InputError(f"{path}: not a {FORMAT_NAME} file (metadata {meta})")
     with open(os.path.join(out_dir, CONFIG_FILE)) as f:
         cfg = _config_from_json(json.load(f))
     params = unflatten_params(load_file(path))
@@ -744,7 +750,7 @@ def write_workdir(
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         if mngr.latest_step() is not None:
-            raise ValueError(
+            raise errors.InputError(
                 f"{workdir} already holds checkpoints {list(mngr.all_steps())}; use a new --workdir"
             )
         checkpoint.save(mngr, 0, train_state_from_params(merged, params))
@@ -773,7 +779,7 @@ def detect_format(source: str | os.PathLike[str]) -> str:
     if tf_dir or os.path.isfile(source + ".index"):
         return "tf"
     what = "does not exist" if not os.path.exists(source) else "holds neither format"
-    raise FileNotFoundError(
+    raise errors.InputError(
         f"--source {source} {what}; looked for a diffusers folder (config.json with "
         "diffusion_pytorch_model.safetensors or .bin) and a TensorFlow checkpoint (a folder "
         "with a 'checkpoint' file, or a PREFIX with PREFIX.index)"
@@ -791,17 +797,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_groups", type=int, default=32, help="TF only: GroupNorm groups")
     p.add_argument("--scope", default="model", help="TF only: model variable scope")
     p.add_argument("--no_ema", action="store_true", help="TF only: raw instead of EMA weights")
+    p.add_argument("--debug", action="store_true", help="show the traceback of input errors")
     args = p.parse_args(argv)
     if not (args.out or args.workdir):
         p.error("give --out DIR (imported weights) and/or --workdir DIR --config FILE")
     if args.workdir and not args.config:
         p.error("--workdir needs --config (e.g. configs/cifar10.py)")
-    try:
+    with errors.reported(args.debug):
         _convert(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
+from diffusion_jax import errors
+
 # Explicit settings for `jax.distributed.initialize`, each passed on only where it is given.
 # JAX reads JAX_COORDINATOR_ADDRESS itself; the process count and index have no variable of
 # JAX's own, so these two names are this package's (launch/remote_train.sh sets all three).
@@ -37,9 +39,9 @@ def _int_variable(environ, name: str) -> int | None:
     try:
         number = int(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
+        raise errors.UserError(f"{name}={value!r} is not an integer") from None
     if number < 0:
-        raise ValueError(f"{name}={value!r} is negative")
+        raise errors.UserError(f"{name}={value!r} is negative")
     return number
 
 

@@ -25,17 +25,17 @@ class ConfigError(UserError, ValueError):
     """A config value that is not allowed (a ValueError too, for callers that expect one)."""
 
 
-def debug_requested(argv: list[str] | None = None) -> bool:
-    """True when `--debug` is on the command line or DIFFUSION_JAX_DEBUG is set (not 0)."""
-    argv = sys.argv if argv is None else argv
-    return "--debug" in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+class InputError(UserError, ValueError):
+    """A file or folder the user named holds something other than what it should: converter
+    sources, weights, statistics, TFRecords."""
 
 
 @contextlib.contextmanager
-def reported(debug: bool | None = None) -> Iterator[None]:
+def reported(debug: bool = False) -> Iterator[None]:
     """Runs a command's body: a UserError becomes `error: <message>` and exit 1 (its traceback
-    only with `debug`); Ctrl-C exits 130; every other exception propagates with its traceback."""
-    debug = debug_requested() if debug is None else debug
+    only with `debug` or DIFFUSION_JAX_DEBUG set and not 0); Ctrl-C exits 130; every other
+    exception propagates with its traceback."""
+    debug = debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
     try:
         yield
     except UserError as e:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import errors
 from diffusion_jax.diffusion import (
     LEARNED_VARIANCE,
     mean_flat,
@@ -152,7 +153,9 @@ def training_losses(
     for 'mse' with a fixed variance, where it is not computed).
     """
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"diffusion.loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
+        raise errors.ConfigError(
+            f"diffusion.loss_type={loss_type!r}; allowed: {', '.join(LOSS_TYPES)}"
+        )
     x_t = q_sample(diffusion, x_start, t, noise)
     model_output = model_fn(x_t, t)
     if loss_type == "kl":

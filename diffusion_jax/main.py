@@ -20,12 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from diffusion_jax import errors  # noqa: E402
+
 MODES = ("train", "eval", "sample")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs, images.")
 flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+flags.DEFINE_bool(
+    "debug", False, f"Show the traceback of user errors too (or set {errors.DEBUG_ENV}=1)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -68,32 +73,20 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # orbax and clu are chatty at INFO
         logging.set_verbosity(logging.WARNING)
-    from diffusion_jax.checkpoint import CheckpointError  # unreadable / unwritable checkpoints
-    from diffusion_jax.input_pipeline import DatasetUnavailableError
-    from diffusion_jax.train import NonFiniteLossError  # the training loop's own error
+    with errors.reported(FLAGS.debug):
+        run(FLAGS.mode, load_config(), FLAGS.workdir)
 
+
+def load_config():
+    """FLAGS.config; UserError when the file does not exist or does not load."""
     try:
         config = FLAGS.config
         config.keys()  # a config file that failed to load raises here, on first use
     except (OSError, SyntaxError, AttributeError, ImportError) as e:
         path = config_path()
         reason = "no such file" if not os.path.isfile(path) else f"{type(e).__name__}: {e}"
-        print(f"error: cannot load --config {path}: {reason.splitlines()[0]}", file=sys.stderr)
-        sys.exit(1)
-    try:
-        run(FLAGS.mode, config, FLAGS.workdir)
-    except (
-        CheckpointError,
-        DatasetUnavailableError,
-        NonFiniteLossError,
-        ValueError,
-        FileNotFoundError,
-    ) as e:
-        print(f"\nerror: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        sys.exit(130)
+        raise errors.UserError(f"cannot load --config {path}: {reason.splitlines()[0]}") from e
+    return config
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import continuous_time as ct
+from diffusion_jax import errors
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B, ...], timesteps [B]) -> output
 
@@ -90,7 +91,7 @@ DEQUANTIZED_BITS_OFFSET = 7.0  # log2(128): y = u / 128 - 1 maps [0, 256) onto [
 
 def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
+        raise errors.ConfigError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
 
 
 def ode_nfe(num_steps: int, solver: str = "rk4") -> int:
@@ -128,7 +129,7 @@ def ode_time_grid(vp: ct.VPSchedule, num_steps: int, spacing: str = "lambda") ->
     """
     _check("spacing", spacing, SPACINGS)
     if num_steps < 1:
-        raise ValueError(f"num_steps={num_steps} must be >= 1")
+        raise errors.ConfigError(f"num_steps={num_steps} must be >= 1")
     if spacing == "lambda":
         lam = ct.marginal_lambda(vp, jnp.array([vp.t_min, vp.t_max], jnp.float32))
         return jnp.linspace(lam[0], lam[1], num_steps + 1)
@@ -195,7 +196,7 @@ def ode_log_likelihood(
     _check("divergence", divergence, DIVERGENCES)
     _check("probe", probe, PROBES)
     if num_probes < 1:
-        raise ValueError(f"num_probes={num_probes} must be >= 1")
+        raise errors.ConfigError(f"num_probes={num_probes} must be >= 1")
     y = jnp.asarray(y, jnp.float32)
     batch, dims = y.shape[0], math.prod(y.shape[1:])
 

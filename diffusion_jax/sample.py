@@ -29,6 +29,7 @@ from diffusion_jax import (
     checkpoint,
     config_checks,
     distributed,
+    errors,
     generation,
     input_pipeline,
     logs,
@@ -75,7 +76,7 @@ def check_sample_settings(directory: epath.Path, settings: dict[str, Any]) -> No
         saved = json.loads(path.read_text())
         if saved != settings:
             diffs = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-            raise ValueError(
+            raise errors.UserError(
                 f"{directory} holds samples drawn with other settings (saved, now): {diffs}. "
                 "Restore those settings to resume, or delete the folder to start over."
             )
@@ -151,7 +152,7 @@ def iter_samples(directory: epath.Path, num_samples: int) -> Iterator[np.ndarray
     while have < num_samples:
         path = shard_path(directory, index)
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing; run --mode sample or eval to draw it")
+            raise errors.UserError(f"{path} is missing; run --mode sample or eval to draw it")
         with path.open("rb") as f, np.load(f) as data:
             part = data["image"][: num_samples - have]
         have += len(part)
@@ -175,7 +176,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> epat
     steps = checkpoint.checkpoint_steps(workdir)
     wanted = int(config.sampling.checkpoint_step)
     if not steps or (wanted >= 0 and wanted not in steps):
-        raise FileNotFoundError(
+        raise errors.UserError(
             f"no checkpoint {'' if wanted < 0 else wanted} in "
             f"{checkpoint.checkpoints_dir(workdir)} (available: {steps or 'none'})"
         )

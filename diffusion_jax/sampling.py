@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import errors
 from diffusion_jax.diffusion import extract, p_mean_variance, predict_eps_from_x0, q_sample
 from diffusion_jax.schedules import Diffusion
 
@@ -99,11 +100,11 @@ def sample_loop(
     'snapshot_timesteps' [S]. Per-step noise is `noise_fn(fold_in(key, i), shape)`.
     """
     if method not in METHODS:
-        raise ValueError(f"sampling.method={method!r}; allowed: {', '.join(METHODS)}")
+        raise errors.ConfigError(f"sampling.method={method!r}; allowed: {', '.join(METHODS)}")
     shape = tuple(shape)
     start = diffusion.num_timesteps - 1 if start_index is None else int(start_index)
     if not 0 <= start < diffusion.num_timesteps:
-        raise ValueError(
+        raise errors.ConfigError(
             f"start_index={start} outside the chain [0, {diffusion.num_timesteps - 1}]"
         )
     init_key, loop_key = jax.random.split(key)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from diffusion_jax import errors
+
 SCHEDULES = ("linear", "cosine", "quad", "const", "jsd", "warmup10", "warmup50")
 MODEL_OUTPUTS = ("eps", "x0", "xprev", "v")
 MODEL_VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")
@@ -27,7 +29,9 @@ LEARNED_VARIANCE = ("learned", "learned_range")  # the network also outputs the 
 
 def _check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not supported; allowed: {', '.join(allowed)}")
+        raise errors.ConfigError(
+            f"{field}={value!r} is not supported; allowed: {', '.join(allowed)}"
+        )
 
 
 def cosine_alphas_cumprod(t: np.ndarray, num_timesteps: int, s: float = 0.008) -> np.ndarray:
@@ -43,10 +47,16 @@ def get_beta_schedule(
     beta_end: float = 0.02,
     max_beta: float = 0.999,
 ) -> np.ndarray:
-    """Returns betas [T] in float64 for a named schedule (DDPM §4 / official code, IDDPM §3.2)."""
+    """Returns betas [T] in float64 for a named schedule (DDPM §4 / official code, IDDPM §3.2).
+
+    Betas are clipped to `max_beta` where a schedule would reach 1 (cosine, jsd), as IDDPM
+    does: beta = 1 makes alphabar_T = 0, where x0 from eps, the prior term and every ODE
+    solver (log alpha = -inf) are not finite."""
     _check_choice("diffusion.schedule", name, SCHEDULES)
     if int(num_timesteps) != num_timesteps or num_timesteps < 1:
-        raise ValueError(f"diffusion.num_timesteps={num_timesteps!r} must be an integer >= 1")
+        raise errors.ConfigError(
+            f"diffusion.num_timesteps={num_timesteps!r} must be an integer >= 1"
+        )
     T = int(num_timesteps)
     if name == "linear":
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
@@ -54,8 +64,8 @@ def get_beta_schedule(
         betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
     elif name == "const":
         betas = np.full(T, beta_end, dtype=np.float64)
-    elif name == "jsd":  # 1/T, 1/(T-1), ..., 1
-        betas = 1.0 / np.linspace(T, 1, T, dtype=np.float64)
+    elif name == "jsd":  # 1/T, 1/(T-1), ..., 1/2, then max_beta (IDDPM's clip) for the last 1
+        betas = np.minimum(1.0 / np.linspace(T, 1, T, dtype=np.float64), max_beta)
     elif name in ("warmup10", "warmup50"):
         betas = np.full(T, beta_end, dtype=np.float64)
         warmup = int(T * {"warmup10": 0.1, "warmup50": 0.5}[name])
@@ -71,10 +81,13 @@ def check_betas(betas: np.ndarray) -> None:
     betas = np.asarray(betas)
     if betas.ndim != 1 or betas.size < 1:
         raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-    bad = ~((betas > 0) & (betas <= 1))
+    bad = ~((betas > 0) & (betas < 1))
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"betas must lie in (0, 1]; betas[{i}] = {float(betas[i])!r}")
+        raise errors.ConfigError(
+            f"betas must lie in (0, 1) (beta = 1 makes alphabar_T = 0: no finite samples or "
+            f"bits/dim); betas[{i}] = {float(betas[i])!r}"
+        )
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
@@ -91,13 +104,15 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
             for stride in range(1, num_timesteps + 1):
                 if len(range(0, num_timesteps, stride)) == n:
                     return list(range(0, num_timesteps, stride))
-            raise ValueError(
+            raise errors.ConfigError(
                 f"respacing={spec!r}: no integer stride gives {n} steps of {num_timesteps}"
             )
         try:
             counts = [int(c) for c in spec.split(",")]
         except ValueError:
-            raise ValueError(f"respacing={spec!r} is not 'K', 'K1,K2,...' or 'ddimN'") from None
+            raise errors.ConfigError(
+                f"respacing={spec!r} is not 'K', 'K1,K2,...' or 'ddimN'"
+            ) from None
     else:
         counts = [int(c) for c in section_counts]
     size_per, extra = divmod(num_timesteps, len(counts))
@@ -105,7 +120,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if not 1 <= count <= size:
-            raise ValueError(f"respacing: cannot take {count} steps from a section of {size}")
+            raise errors.ConfigError(
+                f"respacing: cannot take {count} steps from a section of {size}"
+            )
         stride = (size - 1) / (count - 1) if count > 1 else 1
         position = 0.0  # accumulated like the reference so rounding ties agree
         for _ in range(count):

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import continuous_time as ct
-from diffusion_jax import schedules
+from diffusion_jax import errors, schedules
 from diffusion_jax.continuous_time import VPSchedule
 from diffusion_jax.sampling import DenoiseFn
 
@@ -128,11 +128,11 @@ def time_steps(vp: VPSchedule, num_steps: int, spacing: str, rho: float = KARRAS
     from t_max = 1 down to t_min = 1/N, strictly decreasing with exact endpoints, spaced by
     `spacing` (module docstring; reference `get_time_steps`, EDM eq. 5 for `karras`)."""
     if spacing not in SPACINGS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.spacing={spacing!r} is not supported; allowed: {_allowed(SPACINGS)}"
         )
     if int(num_steps) < 1:
-        raise ValueError(f"sampling.num_steps={num_steps!r} must be >= 1")
+        raise errors.ConfigError(f"sampling.num_steps={num_steps!r} must be >= 1")
     n = int(num_steps)
     t_max, t_min = vp.t_max, vp.t_min
     if spacing == "uniform":
@@ -155,13 +155,13 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str) -> list[int
     `uniform` range(0, T, T // S), `quadratic` (linspace(0, sqrt(0.8 T), S)^2).astype(int)."""
     T, S = int(num_timesteps), int(num_steps)
     if not 1 <= S <= T:
-        raise ValueError(f"sampling.num_steps={num_steps!r} must lie in [1, {T}]")
+        raise errors.ConfigError(f"sampling.num_steps={num_steps!r} must lie in [1, {T}]")
     if spacing == "uniform":
         seq = range(0, T, T // S)
     elif spacing == "quadratic":
         seq = (np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(int)
     else:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.spacing={spacing!r} is not available for method 'ddim'; allowed: "
             f"{_allowed(METHOD_SPACINGS['ddim'])}"
         )
@@ -174,7 +174,9 @@ def chain_timesteps(method: str, num_timesteps: int, num_steps: int, spacing: st
     (IDDPM respacing), everything else `ddim_timesteps`."""
     if method == "ancestral" and spacing == "uniform":
         if not 1 <= int(num_steps) <= int(num_timesteps):
-            raise ValueError(f"sampling.num_steps={num_steps!r} must lie in [1, {num_timesteps}]")
+            raise errors.ConfigError(
+                f"sampling.num_steps={num_steps!r} must lie in [1, {num_timesteps}]"
+            )
         return schedules.space_timesteps(int(num_timesteps), str(int(num_steps)))
     return ddim_timesteps(num_timesteps, num_steps, spacing)
 
@@ -555,7 +557,7 @@ def heun_sample(
     sigma = 0), + 'snapshots' of D at each step's start with `snapshot_every`."""
     n = int(num_steps)
     if n < 1:
-        raise ValueError(f"sampling.num_steps={num_steps!r} must be >= 1")
+        raise errors.ConfigError(f"sampling.num_steps={num_steps!r} must be >= 1")
     ts = time_steps(vp, n - 1, spacing, rho) if n > 1 else np.array([vp.t_max])
     g = _grid(vp, ts)
     sigmas = np.exp(-g["lam"])
@@ -679,7 +681,7 @@ def nfe(
     guidance runs both passes in one batch of 2B, so it does not change the count; `order` is
     accepted for symmetry (no method's NFE depends on it)."""
     if method not in METHODS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.method={method!r} is not supported; allowed: {_allowed(METHODS)}"
         )
     del order
@@ -703,27 +705,27 @@ def check_solver_arguments(
     """ValueError naming the bad value and the allowed ones, for one method's settings
     (num_steps 0 means 'not given', which only the chain methods accept)."""
     if method not in METHODS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.method={method!r} is not supported; allowed: {_allowed(METHODS)}"
         )
     if spacing and spacing not in SPACINGS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.spacing={spacing!r} is not supported; allowed: '' (the "
             f"method's default), {_allowed(SPACINGS)}"
         )
     if spacing and spacing not in METHOD_SPACINGS[method]:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.spacing={spacing!r} is not available for method "
             f"{method!r}; allowed: {_allowed(METHOD_SPACINGS[method])}"
         )
     if int(order) != order or (order and order not in ORDERS[method]):
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.order={order!r} is not available for method {method!r}; "
             f"allowed: 0 (the default, {DEFAULT_ORDER[method]}), "
             f"{_allowed(ORDERS[method])}"
         )
     if variant not in DPM_SOLVER_VARIANTS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.dpm_solver_variant={variant!r} is not supported; allowed: "
             f"{_allowed(DPM_SOLVER_VARIANTS)}"
         )
@@ -733,16 +735,16 @@ def check_solver_arguments(
         or num_steps < 0
         or (num_timesteps is not None and num_steps > num_timesteps)
     ):
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.num_steps={num_steps!r} must be 0 (not given) or lie in [1{upper}]"
         )
     if method in ODE_METHODS and num_steps < 1:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.num_steps={num_steps!r}: method {method!r} needs num_steps in [1{upper}]"
         )
     if method in ODE_METHODS and model_output is not None:
         if model_output not in ct.ODE_MODEL_OUTPUTS:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"diffusion.model_output={model_output!r} has no ODE form for "
                 f"method {method!r}; allowed: {_allowed(ct.ODE_MODEL_OUTPUTS)}"
             )
@@ -774,12 +776,12 @@ def validate_sampling(sampling: Any, num_timesteps: int, model_output: str | Non
         int(num_timesteps),
     )
     if respacing and num_steps and method in CHAIN_METHODS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.num_steps={num_steps} and sampling.respacing={respacing!r} "
             "both choose the chain; set one of them (num_steps=0 or respacing='')"
         )
     if respacing and method in ODE_METHODS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"sampling.respacing={respacing!r} applies to the chain methods "
             f"({_allowed(CHAIN_METHODS)}); method {method!r} takes "
             "sampling.num_steps, so set respacing=''"

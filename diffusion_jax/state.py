@@ -17,7 +17,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from diffusion_jax import distributed, models, timestep_sampler
+from diffusion_jax import distributed, errors, models, timestep_sampler
 
 
 @struct.dataclass
@@ -80,7 +80,9 @@ def abstract_train_state(
     `mesh`) without initialising any parameter (shapes only)."""
     graphdef, _, rest = nnx.split(abstract_model(config), nnx.Param, ...)
     if jax.tree.leaves(rest):
-        raise ValueError(f"model {config.model.name!r} has non-parameter state; not supported")
+        raise errors.ConfigError(
+            f"model {config.model.name!r} has non-parameter state; not supported"
+        )
     shapes = jax.eval_shape(lambda: init_train_state(config)[2])
     repl = distributed.replicated(mesh)
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)

@@ -36,6 +36,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from diffusion_jax import errors
+
 __all__ = [
     "LEGACY_MAGIC_NUMBER",
     "LEGACY_PROTOCOL_VERSION",
@@ -49,7 +51,7 @@ LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
 
-class TorchPickleError(ValueError):
+class TorchPickleError(errors.InputError):
     """A torch file is malformed or carries something this reader refuses to load."""
 
 

@@ -27,6 +27,7 @@ from diffusion_jax import (
     checkpoint,
     config_checks,
     distributed,
+    errors,
     generation,
     input_pipeline,
     logs,
@@ -39,7 +40,7 @@ from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import quality
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.UserError):
     """Training produced a NaN or infinite loss."""
 
 

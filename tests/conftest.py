@@ -4,6 +4,7 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why this lives i
 """
 
 import os
+import shutil
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -78,3 +79,77 @@ def restore_state(config, workdir, step=None):
     mngr = checkpoint.manager(Path(workdir) / "checkpoints")
     step = mngr.latest_step() if step is None else step
     return checkpoint.restore(mngr, step, abstract)
+
+
+# Fault injection: damage to a checkpoint's bytes as the world does it (an interrupted copy, a
+# full disk, a bad sector, a lost file). Each `DAMAGE[kind](step_dir, rng)` damages the
+# checkpoint folder `step_dir`; the array-data kinds damage every array data file,
+# `ONE_DATA_FILE[kind]` one file the seeded `rng` picks.
+
+
+def data_files(step_dir, folder="ocdbt.process_*"):
+    """The array data files of a checkpoint (`default/ocdbt.process_<i>/d/*`); with
+    folder='default', the root index's (the B-tree nodes of the merged OCDBT database)."""
+    files = sorted(p for p in Path(step_dir).glob(f"**/{folder}/d/*") if p.is_file())
+    assert files, f"no {folder}/d files in {step_dir}"
+    return files
+
+
+def _truncate(path):
+    os.truncate(path, min(1000, path.stat().st_size // 2))  # what a partial copy leaves
+
+
+def _empty(path):
+    os.truncate(path, 0)
+
+
+def _overwrite(path):
+    """64 bytes in the middle replaced by others (a bad sector, a flipped block)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, min(middle + 64, len(data))):
+        data[i] ^= 0xA5
+    path.write_bytes(bytes(data))
+
+
+def _delete(path):
+    path.unlink()
+
+
+FILE_FAULTS = {
+    "truncated": _truncate,
+    "emptied": _empty,
+    "overwritten": _overwrite,
+    "deleted": _delete,
+}
+
+
+def _every_data_file(fault):
+    return lambda step_dir, rng: [fault(p) for p in data_files(step_dir)]
+
+
+def _one_data_file(fault):
+    def damage(step_dir, rng):
+        files = data_files(step_dir)
+        fault(files[rng.integers(len(files))])
+
+    return damage
+
+
+DAMAGE = {f"data {kind}": _every_data_file(fault) for kind, fault in FILE_FAULTS.items()}
+DAMAGE.update(
+    {
+        "manifest garbled": lambda d, rng: [_overwrite(p) for p in d.rglob("manifest.ocdbt")],
+        "index truncated": lambda d, rng: [_truncate(p) for p in data_files(d, "default")],
+        "_METADATA missing": lambda d, rng: _delete(d / "default" / "_METADATA"),
+        "_CHECKPOINT_METADATA truncated": lambda d, rng: os.truncate(
+            d / "_CHECKPOINT_METADATA", 40
+        ),
+        "_sharding zero-length": lambda d, rng: _empty(d / "default" / "_sharding"),
+        "array_metadatas zero-length": lambda d, rng: [
+            _empty(p) for p in (d / "default" / "array_metadatas").iterdir()
+        ],
+        "default folder deleted": lambda d, rng: shutil.rmtree(d / "default"),
+    }
+)
+ONE_DATA_FILE = {f"one data file {k}": _one_data_file(f) for k, f in FILE_FAULTS.items()}

@@ -1,7 +1,10 @@
-"""Checkpoint faults end in one line instead of a traceback storm: an unreadable (truncated)
-checkpoint, from which training falls back to the newest readable one, moving the bad one
-aside; no readable checkpoint at all; and a full disk during a save, whether the write that
-fails is orbax's background one or the step folder made in the foreground.
+"""Checkpoint faults end in one line instead of a traceback storm: every kind of damage to a
+checkpoint's bytes (conftest.DAMAGE: array data truncated, emptied, overwritten or deleted,
+manifests garbled, metadata missing, truncated or empty), from which training and the
+evaluation job fall back to the newest readable one, training moving the bad one aside;
+storage that does not answer, which changes nothing; no readable checkpoint at all; and a
+full disk during a save, whether the write that fails is orbax's background one or the step
+folder made in the foreground.
 
 A module-scoped fixture trains the tiny swiss-roll MLP of test_train for 6 steps with a
 checkpoint every 2 (steps 2, 4, 6); each test damages its own copy of that workdir."""
@@ -16,16 +19,19 @@ import threading
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
-from conftest import REPO, restore_state, tiny_mlp_config, tree_allclose
+from conftest import DAMAGE, ONE_DATA_FILE, REPO, restore_state, tiny_mlp_config, tree_allclose
 
 from diffusion_jax import checkpoint, train
+from diffusion_jax import state as state_lib
+from diffusion_jax.evaluation import job
 
 # The command-line flags that make configs/swissroll.py the config of `tiny_mlp_config`.
 MLP_FLAGS = [
     "--config.training.batch_size=16",
     "--config.data.prefetch=0",
-    "--config.model.hidden=32",
+    "--config.model.hidden=256",
     "--config.model.depth=2",
     "--config.model.dropout=0.1",
     "--config.diffusion.num_timesteps=20",
@@ -39,7 +45,11 @@ MLP_FLAGS = [
 
 
 def config(num_train_steps=6):
-    return tiny_mlp_config(training__checkpoint_every=2, training__num_train_steps=num_train_steps)
+    """The tiny MLP, 256 wide so that its arrays are stored in the OCDBT data files rather
+    than inline in the index (as a U-Net's are)."""
+    return tiny_mlp_config(
+        model__hidden=256, training__checkpoint_every=2, training__num_train_steps=num_train_steps
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +65,178 @@ def workdir(trained, tmp_path):
     return Path(shutil.copytree(trained, tmp_path / "workdir"))
 
 
-def truncate(workdir, step):
-    """Cuts the array data files of checkpoint `step` (orbax's OCDBT `d/` folders) to half
-    their size, as an interrupted copy would; returns their names."""
-    files = [p for p in (workdir / "checkpoints" / str(step)).rglob("*") if p.parent.name == "d"]
-    assert files
-    for data in files:
-        os.truncate(data, data.stat().st_size // 2)
-    return {p.name for p in files}
+def damage(workdir, step, kind, seed=0):
+    """Applies `kind` of damage to checkpoint `step`; returns the damaged folder's listing."""
+    step_dir = workdir / "checkpoints" / str(step)
+    {**DAMAGE, **ONE_DATA_FILE}[kind](step_dir, np.random.default_rng(seed))
+    return listing(step_dir)
 
 
 def listing(directory):
     return sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*"))
+
+
+def resume(workdir):
+    """What training does when it starts: (step, state, lines) of the newest readable
+    checkpoint, each damaged newer one reported in a line and moved aside."""
+    _, _, abstract, _ = state_lib.init_train_state(config(8))
+    mngr = checkpoint.manager(workdir / "checkpoints")
+    lines = []
+    try:
+        step, state = checkpoint.restore_newest(mngr, abstract, move_damaged=True, log=lines.append)
+    finally:
+        mngr.close()
+    return step, state, lines
+
+
+def assert_fell_back(workdir, trained, damaged, step, state, lines, bad=6, to=4):
+    """Training took checkpoint `to`, bit-identical to the intact run's; one line named `bad`;
+    `bad` was moved aside exactly as it was damaged, never deleted."""
+    assert step == to
+    tree_allclose(state, restore_state(config(8), trained, to), atol=0)
+    (line,) = [line for line in lines if line.startswith(f"Checkpoint {bad} in ")]
+    assert "is unreadable: " in line and f"using step {to}" in line and "\n" not in line
+    (moved,) = (workdir / "checkpoints").glob(f"{bad}.damaged-*")
+    assert moved.name in line and listing(moved) == damaged
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_training_falls_back_from_every_kind_of_damage(kind, workdir, trained, capfd):
+    damaged = damage(workdir, 6, kind)
+    step, state, lines = resume(workdir)
+    assert_fell_back(workdir, trained, damaged, step, state, lines)
+    assert checkpoint.checkpoint_steps(workdir) == [2, 4]
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "ERROR" not in out + err
+
+
+@pytest.mark.parametrize("attempt", range(3))
+@pytest.mark.parametrize("kind", [k for k in DAMAGE if k.startswith("data ")])
+def test_array_data_damage_falls_back_every_time(kind, attempt, workdir, trained):
+    """Reads are asynchronous, so which array fails first varies from run to run."""
+    damaged = damage(workdir, 6, kind)
+    assert_fell_back(workdir, trained, damaged, *resume(workdir))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind", sorted(ONE_DATA_FILE))
+def test_one_damaged_data_file_never_restores_other_numbers(kind, seed, workdir, trained):
+    """One data file damaged: training either falls back, or restores exactly the saved
+    state (a file that holds nothing the state needs); never other numbers. Overwritten
+    bytes inside array data are caught by the checksums recorded at save time (TensorStore
+    checksums only its indices)."""
+    damaged = damage(workdir, 6, kind, seed)
+    step, state, lines = resume(workdir)
+    if step == 6:
+        assert lines == []
+        tree_allclose(state, restore_state(config(8), trained, 6), atol=0)
+    else:
+        assert_fell_back(workdir, trained, damaged, step, state, lines)
+
+
+def test_two_damaged_newest_checkpoints(workdir, trained):
+    damaged6 = damage(workdir, 6, "data overwritten")
+    damaged4 = damage(workdir, 4, "manifest garbled")
+    step, state, lines = resume(workdir)
+    assert_fell_back(workdir, trained, damaged6, step, state, lines, bad=6, to=2)
+    assert_fell_back(workdir, trained, damaged4, step, state, lines, bad=4, to=2)
+
+
+def test_checksums_are_exact_integer_sums_of_the_bits():
+    """[sum of bits, sum of bits * (i * 0x9E3779B1 + 1)] mod 2^32 per array (i the flat
+    index), re-derived in NumPy uint64 for float32, int32, bfloat16 and scalar leaves."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    tree = {
+        "w": jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float32),
+        "n": jnp.asarray(rng.integers(-9, 9, size=(4,)), jnp.int32),
+        "h": jnp.asarray(rng.normal(size=(6, 2)), jnp.bfloat16),
+        "s": jnp.asarray(7, jnp.int32),
+    }
+    got = checkpoint.state_checksums(tree)
+    for name, x in tree.items():
+        x = np.asarray(x)
+        bits = x.view({2: np.uint16, 4: np.uint32}[x.itemsize]).astype(np.uint64).ravel()
+        weight = (np.arange(bits.size, dtype=np.uint64) * 0x9E3779B1 + 1) % 2**32
+        assert got[name] == [int(bits.sum() % 2**32), int((bits * weight % 2**32).sum() % 2**32)]
+    flipped = dict(tree, w=tree["w"].at[1, 2, 3].multiply(-1.0))
+    assert checkpoint.state_checksums(flipped)["w"] != got["w"]
+    ordered, swapped = (checkpoint.state_checksums(jnp.arange(4) * s) for s in (1, -1))
+    reordered = checkpoint.state_checksums(jnp.arange(4)[::-1])  # same values, other places
+    assert ordered[""][0] == reordered[""][0] and ordered[""][1] != reordered[""][1]
+    assert swapped != ordered
+
+
+def test_storage_that_does_not_answer_changes_nothing(workdir, monkeypatch):
+    """A read that fails while the checkpoints folder cannot be listed (an unreachable
+    bucket, an unmounted disk) is not damage: one CheckpointError that says so, nothing moved,
+    no fallback to an older checkpoint."""
+    damage(workdir, 6, "data truncated")  # the read fails ...
+    before = listing(workdir / "checkpoints")
+    real_iterdir = type(checkpoint.checkpoints_dir(workdir)).iterdir
+
+    def unreachable(self):  # ... and the storage stops answering
+        if "checkpoints" in str(self):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+        return real_iterdir(self)
+
+    _, _, abstract, _ = state_lib.init_train_state(config(8))
+    mngr = checkpoint.manager(workdir / "checkpoints")
+    monkeypatch.setattr(type(checkpoint.checkpoints_dir(workdir)), "iterdir", unreachable)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.restore_newest(mngr, abstract, move_damaged=True)
+    assert not isinstance(info.value, checkpoint.UnreadableCheckpointError)
+    message = str(info.value)
+    assert (
+        message.startswith("could not read checkpoint 6 in ") and "nothing was changed" in message
+    )
+    assert "Input/output error" in message and "\n" not in message
+    monkeypatch.undo()
+    assert listing(workdir / "checkpoints") == before
+
+
+def test_running_out_of_memory_is_not_damage(workdir, monkeypatch):
+    """A restore that fails for want of memory is raised as it is (a traceback), and the
+    intact checkpoint stays where it is."""
+    before = listing(workdir / "checkpoints")
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError("cannot allocate")
+
+    _, _, abstract, _ = state_lib.init_train_state(config(8))
+    mngr = checkpoint.manager(workdir / "checkpoints")
+    monkeypatch.setattr(type(mngr), "restore", no_memory)
+    with pytest.raises(MemoryError):
+        checkpoint.restore_newest(mngr, abstract, move_damaged=True)
+    assert listing(workdir / "checkpoints") == before
+
+
+def eval_once(workdir):
+    """`--mode eval --config.eval.once=True` with a cheap evaluator; the new records."""
+    cfg = config(6)
+    cfg.eval.once = True
+    cfg.eval.evaluators = ("samples",)
+    cfg.eval.num_samples = 16
+    return job.evaluate_checkpoints(cfg, workdir)
+
+
+@pytest.mark.parametrize("kind", [*sorted(DAMAGE), "two newest"])
+def test_eval_job_skips_every_kind_of_damage(kind, workdir, capfd):
+    """`--mode eval` with eval.once: each damaged newest checkpoint is one line and a
+    `skipped` record (never retried), the newest readable one is evaluated instead, and
+    nothing is renamed (the job only reads)."""
+    bad = {6: "data truncated", 4: "manifest garbled"} if kind == "two newest" else {6: kind}
+    damaged = {step: damage(workdir, step, how) for step, how in bad.items()}
+    records = eval_once(workdir)
+    assert [r["step"] for r in records] == [*bad, min(bad) - 2]
+    assert all(r["skipped"].startswith("unreadable checkpoint: ") for r in records[:-1])
+    assert "skipped" not in records[-1]
+    assert {s: listing(workdir / "checkpoints" / str(s)) for s in bad} == damaged
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "ERROR" not in out + err
+    assert len([line for line in out.splitlines() if "is unreadable" in line]) == len(bad)
+    assert eval_once(workdir) == []  # a rerun: nothing left to do
 
 
 def test_training_resumes_from_the_newest_readable_checkpoint(workdir, trained, capfd, monkeypatch):
@@ -76,7 +246,7 @@ def test_training_resumes_from_the_newest_readable_checkpoint(workdir, trained, 
     exceptions, each a traceback on stderr) do not get through."""
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    bad = truncate(workdir, 6)
+    damage(workdir, 6, "data truncated")
     damaged = listing(workdir / "checkpoints" / "6")
     train.train_and_evaluate(config(8), str(workdir))
     gc.collect()
@@ -84,8 +254,8 @@ def test_training_resumes_from_the_newest_readable_checkpoint(workdir, trained, 
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "Event loop is closed" not in out + err
     (line,) = [line for line in (out + err).splitlines() if "unreadable" in line]
-    assert line.startswith("Checkpoint 6 in ") and any(name in line for name in bad)
-    assert "truncated" in line and "using step 4" in line
+    assert line.startswith("Checkpoint 6 in ") and "is unreadable: array " in line
+    assert "truncated (1000 of " in line and "using step 4" in line
     assert "Resumed from" in out and "at step 4." in out
     (moved,) = (workdir / "checkpoints").glob("6.damaged-*")
     assert moved.name in line and listing(moved) == damaged  # kept as it was
@@ -96,13 +266,13 @@ def test_training_resumes_from_the_newest_readable_checkpoint(workdir, trained, 
 
 def test_no_readable_checkpoint_is_one_error_and_changes_nothing(workdir, capfd):
     for step in (2, 4, 6):
-        truncate(workdir, step)
+        damage(workdir, step, "data truncated")
     before = listing(workdir / "checkpoints")
     with pytest.raises(checkpoint.CheckpointError) as info:
         train.train_and_evaluate(config(8), str(workdir))
     message = str(info.value)
     assert "\n" not in message and message.startswith("no readable checkpoint in ")
-    assert all(f"step {s}: {s}/default/" in message for s in (2, 4, 6))
+    assert all(f"step {s}: array " in message for s in (2, 4, 6))
     assert "truncated" in message and "move these step folders out of the way" in message
     assert listing(workdir / "checkpoints") == before
     out, err = capfd.readouterr()
@@ -125,7 +295,7 @@ def cli(workdir, *flags, prelude="", steps=8):
 def test_cli_unreadable_checkpoints_end_in_one_line(workdir, tmp_path):
     """Through the CLI: a truncated newest checkpoint is one line and training goes on
     (status 0); with every checkpoint truncated, one error line and status 1."""
-    truncate(workdir, 6)
+    damage(workdir, 6, "data truncated")
     code, out = cli(workdir)
     assert code == 0, out
     assert "Traceback" not in out and len(out.splitlines()) < 20, out
@@ -134,7 +304,7 @@ def test_cli_unreadable_checkpoints_end_in_one_line(workdir, tmp_path):
 
     broken = Path(shutil.copytree(workdir, tmp_path / "broken"))
     for step in (4, 6, 8):
-        truncate(broken, step)
+        damage(broken, step, "data truncated")
     code, out = cli(broken)
     assert code == 1, out
     assert "Traceback" not in out and len(out.splitlines()) < 20, out
@@ -228,3 +398,23 @@ def test_error_descriptions_are_a_few_words():
     assert checkpoint.describe_error(OSError(errno.ENOSPC, "x")) == "no space left on device"
     assert checkpoint.describe_error(RuntimeError("x")) == "RuntimeError: x"
     assert len(checkpoint.describe_error(ValueError("DATA_LOSS: " + "x" * 999))) <= 300
+
+
+def test_config_json_is_whole_after_a_failed_write(tmp_path, monkeypatch):
+    """The disk fills while config.json is rewritten: the file keeps its old contents
+    (written under a temporary name, then renamed), never half of the new ones."""
+    checkpoint.write_config(tmp_path, config(6))
+    before = checkpoint.config_path(tmp_path).read_text()
+    path_type = type(checkpoint.config_path(tmp_path))
+
+    def half_then_full(self, data, *args, **kwargs):
+        with open(self, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(path_type, "write_bytes", half_then_full)
+    monkeypatch.setattr(path_type, "write_text", half_then_full)
+    with pytest.raises(OSError):
+        checkpoint.write_config(tmp_path, config(8))
+    monkeypatch.undo()
+    assert checkpoint.config_path(tmp_path).read_text() == before

@@ -11,7 +11,7 @@ from flax import nnx
 from jax import lax
 
 from configs.cifar10 import get_config
-from diffusion_jax import distributed, generation, schedules, train
+from diffusion_jax import distributed, errors, generation, schedules, train
 from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import bpd
 from diffusion_jax.metrics import inception
@@ -268,6 +268,6 @@ def test_slurm_job_through_jax_detection(ntasks, several, initialize_calls, monk
 def test_bad_values_name_the_variable(variables, name, initialize_calls, monkeypatch):
     for key, value in variables.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(ValueError, match=f"^{name}="):
+    with pytest.raises(errors.UserError, match=f"^{name}="):
         distributed.maybe_initialize_distributed()
     assert initialize_calls == []

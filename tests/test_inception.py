@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 from torch_files import ForeignCall, save_torch_object, save_torch_state_dict
 
+from diffusion_jax import errors
 from diffusion_jax.metrics import inception as inc
 from diffusion_jax.metrics.inception import (
     FID_WEIGHTS_FILENAME,
@@ -271,7 +272,7 @@ def test_offline_without_file_raises_a_helpful_error(tmp_path, monkeypatch):
     message = str(err.value)
     assert str(cache / FID_WEIGHTS_FILENAME) in message
     assert FID_WEIGHTS_URL in message and "network disabled" in message
-    assert isinstance(err.value, RuntimeError)
+    assert isinstance(err.value, errors.UserError)
     assert list(cache.iterdir()) == []  # no partial download left behind
 
     monkeypatch.setenv("DIFFUSION_JAX_OFFLINE", "1")  # the env switch skips any download

@@ -15,6 +15,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from configs.base import get_base_config
+from diffusion_jax import errors
 from diffusion_jax import input_pipeline as ip
 from diffusion_jax.input_pipeline import prepare
 
@@ -313,7 +314,7 @@ def test_cifar10_offline_raises_quickly(tmp_path):
     message = str(err.value)
     assert "cifar10" in message and str(tmp_path) in message
     assert "--prepare cifar10" in message
-    assert isinstance(err.value, RuntimeError)
+    assert isinstance(err.value, errors.UserError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,3 +477,17 @@ def test_prefetch_reraises_and_stops():
     gc.collect()
     thread.join(timeout=5)
     assert not thread.is_alive()  # Stopped once the iterator was garbage collected.
+
+
+def test_shuffle_buffer_is_a_declared_config_field_that_reaches_the_stream(monkeypatch):
+    """`--config.data.shuffle_buffer=N` works (a locked config, as config_flags builds it,
+    accepts only declared fields) and is the buffer the streamed source shuffles with."""
+    config = get_base_config()
+    config.lock()
+    config.data.name, config.data.shuffle_buffer = "lsun_church", 123
+    seen = []
+    monkeypatch.setattr(
+        ip.sources.tfrecords, "tfrecord_source", lambda *args: seen.append(args[-1])
+    )
+    ip.sources.stream_source(config, "train", 0, 1)
+    assert seen == [123]

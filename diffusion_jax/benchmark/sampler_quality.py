@@ -25,6 +25,7 @@ from diffusion_jax import (
     checkpoint,
     config_checks,
     distributed,
+    errors,
     generation,
     input_pipeline,
     solvers,
@@ -111,11 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_samples", type=int, default=800)
     p.add_argument("--nfe", default="10,20,50")
     p.add_argument("--out", default="")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     args = p.parse_args(argv)
-    config = checkpoint.read_config(args.workdir)
-    if config is None:
-        raise SystemExit(f"error: no config.json in {args.workdir}")
-    rows = measure(config, args.workdir, args.num_samples, [int(n) for n in args.nfe.split(",")])
+    with errors.reported(args.debug):
+        config = checkpoint.read_config(args.workdir)
+        if config is None:
+            raise errors.UserError(f"no config.json in {args.workdir}")
+        nfes = [int(n) for n in args.nfe.split(",")]
+        rows = measure(config, args.workdir, args.num_samples, nfes)
     device = f"{jax.device_count()} {jax.devices()[0].platform}, jax {jax.__version__}"
     print(table(rows, device))
     if args.out:

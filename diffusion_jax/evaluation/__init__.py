@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 
+from diffusion_jax import errors
+
 # name -> "module.Class" in this package, imported on first use (so that
 # `python -m diffusion_jax.evaluation.quality` does not import itself twice).
 EVALUATORS = {
@@ -35,6 +37,6 @@ IMAGE_EVALUATORS = ("bpd", "ode_bpd", "interpolation", "fid")
 def evaluator_class(name: str) -> type:
     """The evaluator class registered as `name` (ValueError naming the allowed ones)."""
     if name not in EVALUATORS:
-        raise ValueError(f"evaluator {name!r}; allowed: {', '.join(EVALUATORS)}")
+        raise errors.ConfigError(f"evaluator {name!r}; allowed: {', '.join(EVALUATORS)}")
     module, cls = EVALUATORS[name].split(".")
     return getattr(importlib.import_module(f"diffusion_jax.evaluation.{module}"), cls)

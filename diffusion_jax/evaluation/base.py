@@ -22,7 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import distributed, generation, logs, sample
+from diffusion_jax import distributed, errors, generation, logs, sample
 
 # Independent random streams below the seed (fold_in), the same for every checkpoint.
 # (sample.SAMPLES_STREAM = 1 draws the sample shards.)
@@ -108,7 +108,7 @@ def sum_over_batches(
         mean = total[mean_of] / max(total["count"], 1)
         logs.log(f"  {name}: {int(total['count'])} examples, running mean {mean:.4f}")
     if total is None or total["count"] <= 0:
-        raise ValueError(f"{name}: the evaluation split yielded no examples")
+        raise errors.UserError(f"{name}: the evaluation split yielded no examples")
     return {k: float(v) if v.ndim == 0 else v for k, v in total.items()}
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, distributed, input_pipeline, logs, sample
+from diffusion_jax import checkpoint, distributed, errors, input_pipeline, logs, sample
 from diffusion_jax.evaluation import base
 from diffusion_jax.metrics import fid, inception
 
@@ -99,7 +99,7 @@ def reference_statistics(
             mu, sigma = fid.load_statistics(f)
         return mu, sigma, path
     if config.eval.fid_stats:
-        raise FileNotFoundError(f"config.eval.fid_stats={config.eval.fid_stats!r}: no such file")
+        raise errors.UserError(f"config.eval.fid_stats={config.eval.fid_stats!r}: no such file")
     split = config.eval.fid_split
     logs.log(f"  computing FID reference statistics of {config.data.name}/{split} -> {path}")
     batches = input_pipeline.create_eval_arrays(

@@ -20,7 +20,15 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffusion_jax import checkpoint, config_checks, distributed, generation, logs, visualize
+from diffusion_jax import (
+    checkpoint,
+    config_checks,
+    distributed,
+    errors,
+    generation,
+    logs,
+    visualize,
+)
 from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import base, evaluator_class
 
@@ -175,7 +183,7 @@ def evaluate_checkpoints(
             compatible = True
         steps = checkpoint.checkpoint_steps(workdir)
         if config.eval.once and not steps:
-            raise FileNotFoundError(
+            raise errors.UserError(
                 f"no checkpoint in {checkpoint.checkpoints_dir(workdir)}: train first, or import "
                 "released weights with `python -m diffusion_jax.convert --source SRC --workdir DIR`"
             )

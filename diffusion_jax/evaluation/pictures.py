@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import (
     distributed,
+    errors,
     generation,
     input_pipeline,
     logs,
@@ -124,7 +125,9 @@ class Interpolation:
         )
         batch = next(iter(batches))
         if len(batch["label"]) < 2 * pairs:
-            raise ValueError(f"eval.interpolation_pairs={pairs} needs {2 * pairs} test images")
+            raise errors.ConfigError(
+                f"eval.interpolation_pairs={pairs} needs {2 * pairs} test images"
+            )
         x = input_pipeline.to_model_range(batch["image"])
         x_a, x_b = x[:pairs], x[pairs:]
         local_params = jax.tree.map(lambda a: a.addressable_data(0), params)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from diffusion_jax import logs, sample
+from diffusion_jax import errors, logs, sample
 from diffusion_jax.evaluation import base
 from diffusion_jax.metrics import digits, points
 
@@ -41,7 +41,7 @@ def score(samples: np.ndarray) -> dict[str, float]:
         return points.sample_quality(samples)
     if samples.ndim == 4 and samples.shape[1:3] == (8, 8):
         return digits.sample_quality(samples)
-    raise ValueError(
+    raise errors.InputError(
         f"samples of shape {samples.shape[1:]}: a quality metric exists for 8x8 digits "
         "[N, 8, 8, 1] and 2-D points [N, 2] only (use FID for other images)"
     )
@@ -85,20 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Sample quality of a folder of sample shards.")
     p.add_argument("directory", help="a folder of shard_*.npz (e.g. WORKDIR/samples/STEP)")
     p.add_argument("--num_samples", type=int, default=0, help="score the first N (0 = all)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of input errors")
     args = p.parse_args(argv)
     directory = epath.Path(args.directory)
-    shards = sorted(directory.glob("shard_*.npz"))
-    if not shards:
-        print(f"error: no shard_*.npz in {directory}", file=sys.stderr)
-        return 1
-    samples = np.concatenate([np.load(s.open("rb"))["image"] for s in shards])
-    if args.num_samples:
-        samples = samples[: args.num_samples]
-    try:
+    with errors.reported(args.debug):
+        shards = sorted(directory.glob("shard_*.npz"))
+        if not shards:
+            raise errors.UserError(f"no shard_*.npz in {directory}")
+        samples = np.concatenate([np.load(s.open("rb"))["image"] for s in shards])
+        if args.num_samples:
+            samples = samples[: args.num_samples]
         result = score(samples)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     print(f"{len(samples)} samples in {directory}: {summary(result)}")
     for k, v in sorted(result.items()):
         print(f"  {k} = {v:.6g}")

@@ -92,7 +92,6 @@ from diffusion_jax.input_pipeline.batches import (
 )
 from diffusion_jax.input_pipeline.datasets import (
     DATASETS,
-    DEFAULT_SHUFFLE_BUFFER,
     DEFAULT_TFRECORD_PATTERN,
     IN_MEMORY_DATASETS,
     LSUN_DATASETS,
@@ -119,7 +118,6 @@ from diffusion_jax.input_pipeline.tfrecords import write_image_tfrecords
 
 __all__ = [
     "DATASETS",
-    "DEFAULT_SHUFFLE_BUFFER",
     "DEFAULT_TFRECORD_PATTERN",
     "IN_MEMORY_DATASETS",
     "LSUN_DATASETS",

@@ -2,7 +2,9 @@
 
 import sys
 
+from diffusion_jax import errors
 from diffusion_jax.input_pipeline.prepare import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with errors.reported():
+        sys.exit(main())

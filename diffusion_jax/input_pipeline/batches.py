@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.input_pipeline.datasets import Batch
 from diffusion_jax.input_pipeline.tf_data import StreamSource, import_tf, tf_options
 
@@ -26,7 +27,7 @@ def host_batch_size(global_batch_size: int, process_count: int) -> int:
     if process_count < 1:
         raise ValueError(f"process_count must be >= 1, got {process_count}.")
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
+        raise errors.ConfigError(
             f"training.batch_size={global_batch_size} must be a positive multiple of the "
             f"number of processes ({process_count})."
         )
@@ -98,7 +99,7 @@ def to_data_levels(images: np.ndarray, levels: int = 256) -> np.ndarray:
     is the official rounding x * 127.5 + 127.5; the bundled digits have L = 17 (scikit-learn's
     counts 0..16), so samples are stored, like the data, on those levels."""
     if not 2 <= levels <= 256:
-        raise ValueError(f"data.levels={levels} must be in [2, 256]")
+        raise errors.ConfigError(f"data.levels={levels} must be in [2, 256]")
     x = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
     k = np.round(x * (levels - 1))
     return np.clip(np.round(k * (255.0 / (levels - 1))), 0, 255).astype(np.uint8)

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_jax import errors
+
 DATASETS = (
     "cifar10",
     "celeb_a_hq",
@@ -21,25 +23,26 @@ IN_MEMORY_DATASETS = ("cifar10", "digits", "swissroll")
 LSUN_DATASETS = ("lsun_bedroom", "lsun_church", "lsun_cat")
 TFDS_NAMES = {"cifar10": "cifar10", "celeb_a_hq": "celeb_a_hq/256"}
 DEFAULT_TFRECORD_PATTERN = "{name}-{split}.tfrecord*"
-DEFAULT_SHUFFLE_BUFFER = 10_000
 Batch = dict[str, np.ndarray]
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(errors.UserError):
     """The requested dataset is not prepared locally; the message says how to prepare it."""
 
 
 def validate_dataset_name(name: str) -> str:
     """Returns `name` if it is a supported `data.name`, else raises ValueError."""
     if name not in DATASETS:
-        raise ValueError(f"Unknown data.name={name!r}; allowed values: {', '.join(DATASETS)}.")
+        raise errors.ConfigError(
+            f"Unknown data.name={name!r}; allowed values: {', '.join(DATASETS)}."
+        )
     return name
 
 
 def check_rgb(config: Any) -> None:
     """Raises unless `config.data.channels` is 3 (the RGB datasets)."""
     if config.data.channels != 3:
-        raise ValueError(
+        raise errors.ConfigError(
             f"data.channels={config.data.channels} but {config.data.name} images have 3 channels."
         )
 

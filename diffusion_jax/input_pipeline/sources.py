@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.input_pipeline import tfrecords
 from diffusion_jax.input_pipeline.datasets import (
-    DEFAULT_SHUFFLE_BUFFER,
     TFDS_NAMES,
     DatasetUnavailableError,
     check_rgb,
@@ -50,7 +50,7 @@ def load_digits_arrays(image_size: int, channels: int = 1) -> tuple[np.ndarray, 
     from sklearn.datasets import load_digits
 
     if channels not in (1, 3):
-        raise ValueError(f"data.channels={channels} must be 1 or 3 for digits.")
+        raise errors.ConfigError(f"data.channels={channels} must be 1 or 3 for digits.")
     digits = load_digits()
     images = digits.images.astype(np.float64) * (255.0 / 16.0)  # [N, 8, 8]
     m = linear_resize_matrix(8, image_size)
@@ -189,7 +189,7 @@ def tfds_stream_source(
 def stream_source(config: Any, split: str, process_index: int, process_count: int) -> StreamSource:
     """This host's shard of a streamed split: celeb_a_hq from tfds, LSUN from TFRecords."""
     check_rgb(config)
-    shuffle_buffer = int(config.data.get("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER))
+    shuffle_buffer = int(config.data.shuffle_buffer)
     if config.data.name == "celeb_a_hq":
         return tfds_stream_source(config, split, process_index, process_count, shuffle_buffer)
     return tfrecords.tfrecord_source(config, split, process_index, process_count, shuffle_buffer)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_jax import errors
 from diffusion_jax.input_pipeline.batches import FILE_ORDER_STREAM
 from diffusion_jax.input_pipeline.datasets import (
     DatasetUnavailableError,
@@ -104,7 +105,7 @@ def _make_tfrecord_decoder(tf: Any, first: bytes, image_size: int) -> Callable[[
             return _to_rgb(tf, x)
 
     else:
-        raise ValueError(
+        raise errors.InputError(
             f"Unrecognised TFRecord layout (features {sorted(keys)}); expected an encoded image "
             f"under one of {_ENCODED_IMAGE_KEYS}, or raw uint8 'data' + int64[3] 'shape', or raw "
             "'image_raw'/'data' + 'height' + 'width'."

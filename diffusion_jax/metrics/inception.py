@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import distributed
+from diffusion_jax import distributed, errors
 from diffusion_jax.torch_pickle import load_torch_state_dict
 
 __all__ = [
@@ -413,7 +413,7 @@ class InceptionV3(nnx.Module):
 # Weights
 
 
-class InceptionWeightsUnavailable(RuntimeError):
+class InceptionWeightsUnavailable(errors.UserError):
     """The FID Inception weights file is neither given, nor cached, nor downloadable."""
 
 
@@ -479,7 +479,7 @@ def params_from_state_dict(state_dict: dict[str, np.ndarray]) -> nnx.State:
     unexpected = sorted(k for k in remaining if not k.endswith(".num_batches_tracked"))
     if missing or mismatched or unexpected:
         shapes = {k: tuple(np.asarray(remaining[k]).shape) for k in unexpected}
-        raise ValueError(
+        raise errors.InputError(
             "Inception weights do not match pytorch-fid's FID Inception v3:\n"
             f"  missing keys ({len(missing)}): {missing}\n"
             f"  shape mismatches ({len(mismatched)}): {mismatched}\n"
@@ -591,7 +591,7 @@ def inception_weights_path(
         download(FID_WEIGHTS_URL, tmp)
         digest = _sha256(tmp)
         if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
-            raise ValueError(f"downloaded file has sha256 {digest}")
+            raise errors.InputError(f"downloaded file has sha256 {digest}")
         os.replace(tmp, target)
     except Exception as err:
         raise InceptionWeightsUnavailable(

@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
+from diffusion_jax import errors
 from diffusion_jax.models.mlp import MLPDenoiser
 from diffusion_jax.models.unet import SHAPE_FIELDS, UNet, UNetConfig
 from diffusion_jax.schedules import LEARNED_VARIANCE
@@ -63,7 +64,7 @@ def unet_config_sections(unet: UNetConfig) -> ml_collections.ConfigDict:
     """The inverse of `unet_config`: {'model', 'data'[, 'diffusion']} sections describing
     `unet` (a learned-range variance when it has twice the input channels)."""
     if unet.out_channels not in (unet.in_channels, 2 * unet.in_channels):
-        raise ValueError(
+        raise errors.InputError(
             f"output channels {unet.out_channels} must equal the input channels "
             f"{unet.in_channels} (fixed variance) or twice them (learned variance)"
         )
@@ -114,6 +115,6 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module
             dtype=str(m.dtype),
             rngs=rngs,
         )
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.model.name={name!r} is not a known model; expected one of {MODEL_NAMES}"
     )

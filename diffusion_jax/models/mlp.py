@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax import errors
 from diffusion_jax.models.unet import SUPPORTED_DTYPES, apply_dropout, timestep_embedding
 
 
@@ -42,13 +43,19 @@ class MLPDenoiser(nnx.Module):
     ):
         if dtype not in SUPPORTED_DTYPES:
             allowed = sorted(SUPPORTED_DTYPES)
-            raise ValueError(f"model.dtype={dtype!r} is not supported; expected one of {allowed}")
+            raise errors.ConfigError(
+                f"model.dtype={dtype!r} is not supported; expected one of {allowed}"
+            )
         if hidden < 2 or depth < 1:
-            raise ValueError(f"model.hidden={hidden} must be >= 2 and model.depth={depth} >= 1")
+            raise errors.ConfigError(
+                f"model.hidden={hidden} must be >= 2 and model.depth={depth} >= 1"
+            )
         if data_dim < 1 or out_dim < 1:
-            raise ValueError(f"data dim {data_dim} and output dim {out_dim} must be positive")
+            raise errors.ConfigError(
+                f"data dim {data_dim} and output dim {out_dim} must be positive"
+            )
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
+            raise errors.ConfigError(f"model.dropout={dropout} must be in [0, 1)")
         self.data_dim = data_dim
         self.hidden = hidden
         self.num_classes = num_classes

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax import errors
+
 SUPPORTED_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ZERO_INIT_SCALE = 1e-10
 
@@ -112,40 +114,40 @@ class UNetConfig:
         any parameter is created, hence before any compilation."""
         image_size, ch, ch_mult = self.image_size, self.ch, self.ch_mult
         if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"model.dtype={self.dtype!r} is not supported; "
                 f"expected one of {sorted(SUPPORTED_DTYPES)}"
             )
         if len(ch_mult) < 1:
-            raise ValueError(f"model.ch_mult={ch_mult} must have at least one level")
+            raise errors.ConfigError(f"model.ch_mult={ch_mult} must have at least one level")
         if ch < 1 or any(m < 1 for m in ch_mult):
-            raise ValueError(f"model.ch={ch} and model.ch_mult={ch_mult} must be positive")
+            raise errors.ConfigError(f"model.ch={ch} and model.ch_mult={ch_mult} must be positive")
         if self.num_res_blocks < 1:
-            raise ValueError(f"model.num_res_blocks={self.num_res_blocks} must be >= 1")
+            raise errors.ConfigError(f"model.num_res_blocks={self.num_res_blocks} must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise errors.ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.num_classes < 0:
-            raise ValueError(f"model.num_classes={self.num_classes} must be >= 0")
+            raise errors.ConfigError(f"model.num_classes={self.num_classes} must be >= 0")
         factor = 2 ** (len(ch_mult) - 1)
         if image_size < 1 or image_size % factor != 0:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"data.image_size={image_size} must be divisible by 2**(len(model.ch_mult)-1)"
                 f"={factor} (model.ch_mult={ch_mult})"
             )
         resolutions = [image_size // 2**i for i in range(len(ch_mult))]
         bad = [r for r in self.attn_resolutions if r not in resolutions]
         if bad:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"model.attn_resolutions={self.attn_resolutions}: {bad} never occur; the U-Net "
                 f"resolutions for data.image_size={image_size} and model.ch_mult={ch_mult} "
                 f"are {resolutions}"
             )
         if self.num_groups < 1:
-            raise ValueError(f"model.num_groups={self.num_groups} must be >= 1")
+            raise errors.ConfigError(f"model.num_groups={self.num_groups} must be >= 1")
         widths = sorted({ch, *(ch * m for m in ch_mult)})
         bad_w = [w for w in widths if w % self.num_groups != 0]
         if bad_w:
-            raise ValueError(
+            raise errors.ConfigError(
                 f"channel widths {bad_w} (model.ch={ch} x model.ch_mult={ch_mult}) are not "
                 f"divisible by model.num_groups={self.num_groups}"
             )
