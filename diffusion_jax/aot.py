@@ -464,10 +464,7 @@ def run(
     from diffusion_jax import config_checks
 
     topo = get_topology(topology)
-    try:
-        config_checks.validate_config(config, "eval", num_devices=len(topo.devices))
-    except ValueError as e:  # a ConfigError already; a plain ValueError from older checks
-        raise errors.ConfigError(str(e)) from e
+    config_checks.validate_config(config, "eval", num_devices=len(topo.devices))
     log(
         f"{topo.name} = {topo.topology}: {len(topo.devices)} devices "
         f"({topo.devices[0].device_kind}) on {topo.processes} host(s), "
@@ -504,7 +501,7 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     f = flags.FLAGS
-    with errors.reported():
+    with errors.reported(f.debug):
         if len(argv) > 1:
             raise errors.UserError(f"unexpected arguments: {argv[1:]}")
         run(f.config, f.topology, tuple(p for p in f.programs if p), f.json)
