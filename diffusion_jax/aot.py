@@ -142,7 +142,9 @@ def get_topology(name: str) -> Topology:
     devices = tuple(desc.devices)
     kind = devices[0].device_kind
     if kind not in CHIPS:
-        raise errors.UserError(f"no chip facts for {kind!r} (topology {topology}); known: {CHIPS}")
+        raise errors.UserError(
+            f"no chip facts for {kind!r} (topology {topology}); known: {', '.join(CHIPS)}"
+        )
     chips = math.prod(int(n) for n in topology.split(":")[1].split("x"))
     per_chip = max(len(devices) // chips, 1)
     chip = CHIPS[kind]
