@@ -10,6 +10,9 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # JAX's persistent compilation cache for train/eval/sample: "auto" (a user cache folder,
+    # $DIFFUSION_JAX_CACHE/jax_compilation_cache), a path (local or gs://), or "" (off).
+    config.compilation_cache = "auto"
 
     config.data = data = ml_collections.ConfigDict()
     # cifar10 | celeb_a_hq | lsun_bedroom | lsun_church | lsun_cat | digits | swissroll

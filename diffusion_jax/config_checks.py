@@ -140,9 +140,9 @@ def _check_xprev_chain(config: ml_collections.ConfigDict, name: str, respacing: 
     if steps != num_timesteps:
         raise errors.ConfigError(
             f"diffusion.model_output='xprev' predicts one step of the full {num_timesteps}-"
-            f"step chain, so it cannot sample the {steps}-step chain that {name} choose "
-            f"(respacing={respacing!r}, num_steps={config.sampling.num_steps}); set them to "
-            "'' and 0 (the full chain), or train an eps, x0 or v model"
+            f"step chain, so it cannot sample the {steps}-step chain set by {name} "
+            f"(respacing={respacing!r}, num_steps={config.sampling.num_steps}); set it to "
+            "the full chain ('' and 0), or train an eps, x0 or v model"
         )
 
 

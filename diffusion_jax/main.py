@@ -41,9 +41,10 @@ def config_path() -> str:
 def run(mode: str, config, workdir: str) -> None:
     import jax
 
-    from diffusion_jax import distributed
+    from diffusion_jax import compile_cache, distributed
 
     distributed.maybe_initialize_distributed()
+    compile_cache.enable(config)
     logging.info("JAX devices: %s", jax.devices())
     if mode == "train":
         from diffusion_jax import train

@@ -606,6 +606,40 @@ def inception_weights_path(
 # Sharded feature function
 
 
+def make_forward(
+    mesh: Mesh,
+    *,
+    logits_bias: bool = False,
+    precision: jax.lax.Precision | None = _HIGHEST,
+    size: int = INCEPTION_SIZE,
+) -> Callable[[nnx.State, jax.Array], tuple[jax.Array, jax.Array]]:
+    """The jitted `(state, images [B, H, W, 3]) -> (pool3 [B, 2048], logits [B, 1008])` of
+    :func:`make_feature_fn`, state replicated and the batch sharded over `mesh`'s "data" axis
+    (B divisible by it). `mesh` may hold devices of a TPU topology description, to compile
+    ahead of time (`diffusion_jax.aot`)."""
+    if "data" not in mesh.axis_names:
+        raise ValueError(f"mesh needs a 'data' axis, has {mesh.axis_names}")
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
+    graphdef = nnx.graphdef(_skeleton(precision))
+
+    def forward(state: nnx.State, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        model = nnx.merge(graphdef, state)
+        return model(preprocess(images, size), logits_bias=logits_bias)
+
+    return jax.jit(
+        forward,
+        in_shardings=(replicated, batch_sharded),
+        out_shardings=(batch_sharded, batch_sharded),
+        compiler_options=distributed.compiler_options(mesh),
+    )
+
+
+def abstract_state() -> nnx.State:
+    """The network's state as ShapeDtypeStructs (float32), without weights."""
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.state(_skeleton()))
+
+
 def make_feature_fn(
     params: nnx.State,
     mesh: Mesh | None = None,
@@ -637,24 +671,10 @@ def make_feature_fn(
         mesh = jax.make_mesh(
             (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
         )
-    if "data" not in mesh.axis_names:
-        raise ValueError(f"mesh needs a 'data' axis, has {mesh.axis_names}")
+    forward = make_forward(mesh, logits_bias=logits_bias, precision=precision, size=size)
     n_data = mesh.shape["data"]
-    replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharded = NamedSharding(mesh, PartitionSpec("data"))
-    graphdef = nnx.graphdef(_skeleton(precision))
-    params = jax.device_put(params, replicated)
-
-    def forward(state: nnx.State, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        model = nnx.merge(graphdef, state)
-        return model(preprocess(images, size), logits_bias=logits_bias)
-
-    forward = jax.jit(
-        forward,
-        in_shardings=(replicated, batch_sharded),
-        out_shardings=(batch_sharded, batch_sharded),
-        compiler_options=distributed.compiler_options(mesh),
-    )
+    params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
 
     def feature_fn(images: jax.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         batch = images.shape[0]
