@@ -6,7 +6,7 @@ without TPUs (`jax.experimental.topologies`, as MaxText's `train_compile`). The 
 built by the functions a run calls, over a mesh of the topology's devices, from abstract
 inputs (ShapeDtypeStructs): nothing is allocated and no parameter is initialised.
 
-- 'train': `train.compile_train_fn` at `training.batch_size` and `training.steps_per_call`;
+- 'train': `train_step.compile_train_fn` at `training.batch_size` and `training.steps_per_call`;
 - 'sample': `generation.make_sampler` at `sampling.batch_size` (the whole chain or solver);
 - 'bpd', 'ode_bpd': the evaluation's likelihood programs at `eval.batch_size`;
 - 'inception': the FID Inception forward at `eval.batch_size` (image data only), on one
@@ -51,7 +51,7 @@ from diffusion_jax import (  # noqa: E402
     generation,
     input_pipeline,
     schedules,
-    train,
+    train_step,
 )
 from diffusion_jax import state as state_lib  # noqa: E402
 
@@ -195,7 +195,7 @@ def build_programs(
         }
         diffusion = schedules.diffusion_from_config(config.diffusion)
         tx = state_lib.make_optimizer(config.training)
-        fn = train.compile_train_fn(config, apply, diffusion, tx, mesh)
+        fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
         programs.append(Program("train", fn, (state, batches), k, "steps", mesh))
     if "sample" in names:
         b = int(config.sampling.batch_size)

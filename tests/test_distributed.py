@@ -11,7 +11,7 @@ from flax import nnx
 from jax import lax
 
 from configs.cifar10 import get_config
-from diffusion_jax import distributed, errors, generation, schedules, train
+from diffusion_jax import distributed, errors, generation, schedules, train_step
 from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import bpd
 from diffusion_jax.metrics import inception
@@ -76,7 +76,7 @@ def _compile_train(mesh):
     config = _tiny_unet_config()
     graphdef, _, rest = nnx.split(state_lib.abstract_model(config), nnx.Param, ...)
     state = jax.eval_shape(lambda: state_lib.init_train_state(config)[2])
-    fn = train.compile_train_fn(
+    fn = train_step.compile_train_fn(
         config,
         generation.model_apply(graphdef, rest),
         schedules.diffusion_from_config(config.diffusion),

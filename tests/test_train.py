@@ -25,6 +25,7 @@ from diffusion_jax import (
     losses,
     schedules,
     train,
+    train_step,
 )
 from diffusion_jax import state as state_lib
 
@@ -33,7 +34,7 @@ def run_steps(config, mesh, num_steps):
     graphdef, rest, state, tx = state_lib.init_train_state(config)
     apply = generation.model_apply(graphdef, rest)
     diffusion = schedules.diffusion_from_config(config.diffusion)
-    fn = train.compile_train_fn(config, apply, diffusion, tx, mesh)
+    fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
     state = jax.device_put(state, distributed.replicated(mesh))
     data = input_pipeline.create_train_iterator(config)
     for _ in range(num_steps):
@@ -59,7 +60,7 @@ def test_several_steps_per_call_equal_single_steps(devices):
     mesh = distributed.make_mesh(devices)
     one_by_one, _ = run_steps(config, mesh, 2)
     graphdef, rest, state, tx = state_lib.init_train_state(config)
-    fn = train.compile_train_fn(
+    fn = train_step.compile_train_fn(
         config,
         generation.model_apply(graphdef, rest),
         schedules.diffusion_from_config(config.diffusion),
@@ -205,7 +206,7 @@ def test_loop_reports_input_wait_and_checkpoint_pause(slow, tmp_path, monkeypatc
 
         monkeypatch.setattr(input_pipeline, "create_train_iterator", slow_iterator)
     else:
-        compile_fn = train.compile_train_fn
+        compile_fn = train_step.compile_train_fn
 
         def slow_compile(*args, **kwargs):
             fn = compile_fn(*args, **kwargs)
@@ -216,7 +217,7 @@ def test_loop_reports_input_wait_and_checkpoint_pause(slow, tmp_path, monkeypatc
 
             return step
 
-        monkeypatch.setattr(train, "compile_train_fn", slow_compile)
+        monkeypatch.setattr(train_step, "compile_train_fn", slow_compile)
     config = tiny_mlp_config(
         training__num_train_steps=8, training__log_every=4, training__checkpoint_every=8
     )

@@ -1,7 +1,7 @@
 """The measurements, through the code the training and evaluation jobs run, compiled with the
 same XLA options (`distributed.compiler_options`, recorded in the result):
 
-* train: images/s of the jitted, donated train step (`train.compile_train_fn`) at `--batch`
+* train: images/s of the jitted, donated train step (`train_step.compile_train_fn`) at `--batch`
   and, on accelerators, at the largest batch that fits (doubling until the device runs out
   of memory; `--max_batch` caps the search; on CPU the search is off unless `--max_batch` is
   given), for each compute dtype of `--dtypes` (`config.model.dtype`; parameters stay
@@ -213,12 +213,12 @@ class Benchmark:
 
     def compile_train(self, dtype: str, batch: int):
         """(compiled train step, a [1, batch, ...] sharded batch, compile seconds)."""
-        from diffusion_jax import train  # the training loop's step; nothing else needs it
+        from diffusion_jax import train_step
 
         cfg = self.config_for(dtype, batch)
         diffusion = schedules.diffusion_from_config(cfg.diffusion)
         state = self.state()
-        fn = train.compile_train_fn(cfg, self.apply_for(dtype), diffusion, self._tx, self.mesh)
+        fn = train_step.compile_train_fn(cfg, self.apply_for(dtype), diffusion, self._tx, self.mesh)
         data = self._sharded_images(batch, leading=1)
         start = time.perf_counter()
         compiled = fn.lower(state, data).compile()
