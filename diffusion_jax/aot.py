@@ -396,7 +396,10 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
     peak = argument + output - alias + temp + code
     hlo = compiled.as_text()
     factor = loop_factor(hlo)  # the cost analysis counts a loop body once
-    estimate = factor * float(cost.get("optimal_seconds", float("nan")))
+    # libtpu answers a negative optimal_seconds where its cost model has no estimate (seen for
+    # v5e with libtpu 0.0.42.1): no estimate then, rather than a negative time.
+    optimal = float(cost.get("optimal_seconds", float("nan")))
+    estimate = factor * optimal if optimal > 0 else float("nan")
     flops = factor * float(cost.get("flops", 0.0))
     return {
         "program": program.name,
@@ -480,8 +483,12 @@ def run(
         r = rows[-1]
         log(
             f"  {r['compile_seconds']:.0f} s; {r['peak_bytes'] / GiB:.2f} of "
-            f"{r['hbm_bytes'] / GiB:.0f} GiB per device; estimated {r['estimated_seconds']:.4g} s "
-            "per call"
+            f"{r['hbm_bytes'] / GiB:.0f} GiB per device; estimated "
+            + (
+                f"{r['estimated_seconds']:.4g} s per call"
+                if r["estimated_seconds"] > 0
+                else "time: none (libtpu's cost model gives none for this chip)"
+            )
         )
         if json_path:  # after each program, so that a long run leaves what it finished
             Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
