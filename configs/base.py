@@ -85,6 +85,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.num_steps = 0
     # "" = the method's default (ancestral/ddim: uniform, heun: karras, others: logsnr)
     # | uniform | logsnr | quadratic | karras (ancestral/ddim: uniform | quadratic only)
+    # | trailing (ddim only: t = i / num_steps down to 0, the grid of distilled students)
     sampling.spacing = ""
     # 0 = default; dpm_solver: 1 | 2 | 3 (3), dpm_solver++ and sde_: 1 | 2 (2), unipc: 1-3 (2)
     sampling.order = 0
@@ -103,6 +104,23 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.preview_num = 64
     sampling.checkpoint_step = -1  # --mode sample: the checkpoint to draw from (-1 = latest)
     sampling.max_shards = 0  # --mode sample: stop after this many new shards (0 = all)
+
+    # Progressive distillation (`--mode distill`, diffusion_jax/distill.py; Salimans & Ho 2022):
+    # rounds in which a student learns one DDIM step (`sampling.spacing="trailing"`) from two
+    # of its teacher's, halving the steps from start_steps / 2 down to end_steps. The student
+    # predicts `diffusion.model_output` (v or x0); an eps teacher is first fine-tuned into it
+    # on the data for one round. `training` sets the batch, learning rate (decayed linearly to
+    # 0 over each round), clipping and EMA; `training.num_train_steps` > 0 stops early. Every
+    # round's last checkpoint is written and kept.
+    config.distill = distill = ml_collections.ConfigDict()
+    distill.teacher_workdir = ""  # the trained teacher's workdir ("" = not a distillation)
+    distill.teacher_step = -1  # its checkpoint (-1 = the latest readable one)
+    # What the teacher predicts (checked against its config.json): eps | v | x0. An eps teacher
+    # gets round 0, the fine-tune into diffusion.model_output; otherwise it must match it.
+    distill.teacher_output = "eps"
+    distill.start_steps = 1024  # the teacher's DDIM steps in round 1
+    distill.end_steps = 4  # the last student's steps
+    distill.steps_per_round = 50_000  # updates per round
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.once = False

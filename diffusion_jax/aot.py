@@ -6,7 +6,8 @@ without TPUs (`jax.experimental.topologies`, as MaxText's `train_compile`). The 
 built by the functions a run calls, over a mesh of the topology's devices, from abstract
 inputs (ShapeDtypeStructs): nothing is allocated and no parameter is initialised.
 
-- 'train': `train_step.compile_train_fn` at `training.batch_size` and `training.steps_per_call`;
+- 'train': `train_step.compile_train_fn` at `training.batch_size` and `training.steps_per_call`
+  (for a distillation config, `distill.compile_distill_fn`: the step of `--mode distill`);
 - 'sample': `generation.make_sampler` at `sampling.batch_size` (the whole chain or solver);
 - 'bpd', 'ode_bpd': the evaluation's likelihood programs at `eval.batch_size`;
 - 'inception': the FID Inception forward at `eval.batch_size` (image data only), on one
@@ -46,6 +47,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from diffusion_jax import (  # noqa: E402
+    distill,
     distributed,
     errors,
     generation,
@@ -193,9 +195,12 @@ def build_programs(
             "image": _abstract((k, b, *data_shape), np.float32, stacked),
             "label": _abstract((k, b), np.int32, stacked),
         }
-        diffusion = schedules.diffusion_from_config(config.diffusion)
         tx = state_lib.make_optimizer(config.training)
-        fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
+        if state_lib.distilling(config):  # the step of `--mode distill`
+            fn = distill.compile_distill_fn(config, apply, tx, mesh, distill.plan(config))
+        else:
+            diffusion = schedules.diffusion_from_config(config.diffusion)
+            fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
         programs.append(Program("train", fn, (state, batches), k, "steps", mesh))
     if "sample" in names:
         b = int(config.sampling.batch_size)
@@ -396,10 +401,7 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
     peak = argument + output - alias + temp + code
     hlo = compiled.as_text()
     factor = loop_factor(hlo)  # the cost analysis counts a loop body once
-    # libtpu answers a negative optimal_seconds where its cost model has no estimate (seen for
-    # v5e with libtpu 0.0.42.1): no estimate then, rather than a negative time.
-    optimal = float(cost.get("optimal_seconds", float("nan")))
-    estimate = factor * optimal if optimal > 0 else float("nan")
+    estimate = estimated_seconds(cost.get("optimal_seconds"), factor)
     flops = factor * float(cost.get("flops", 0.0))
     return {
         "program": program.name,
@@ -418,14 +420,23 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
         "bytes_accessed": factor * float(cost.get("bytes accessed", 0.0)),
         "loop_factor": factor,
         "estimated_seconds": estimate,
-        "per_second": program.units / estimate if estimate > 0 else float("nan"),
+        "per_second": program.units / estimate if estimate else None,
         "unit": program.unit,
         "units_per_call": program.units,
-        "mfu": flops / estimate / topo.peak_flops if estimate > 0 else float("nan"),
+        "mfu": flops / estimate / topo.peak_flops if estimate else None,
         "compile_seconds": seconds,
         "collectives": collectives(hlo, program.mesh),
         "largest_buffers": largest_buffers(hlo),
     }
+
+
+def estimated_seconds(optimal_seconds: float | None, factor: float) -> float | None:
+    """The compiler's estimate per call: `optimal_seconds` x the loop factor; None (no
+    estimate) when libtpu gives none. libtpu 0.0.42.1 answers a negative optimal_seconds for
+    v5e, where its cost model has no estimate: that is no estimate, not a negative time."""
+    if optimal_seconds is None or not float(optimal_seconds) > 0:
+        return None
+    return factor * float(optimal_seconds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,13 +452,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         c = r["collectives"]
+        if r["estimated_seconds"] is None:
+            estimate = f"{'none':>11} {'none':>10} {r['unit'] + '/s':<9} {'none':>8}"
+        else:
+            estimate = (
+                f"{r['estimated_seconds']:>11.4g} {r['per_second']:>10.4g} "
+                f"{r['unit'] + '/s':<9} {r['mfu']:>8.1%}"
+            )
         lines.append(
             f"{r['program']:<10} {r['argument_bytes'] / GiB:>6.2f}G {r['temp_bytes'] / GiB:>6.2f}G "
             f"{r['output_bytes'] / GiB:>6.2f}G {r['code_bytes'] / 2**20:>5.1f}M "
             f"{r['peak_bytes'] / GiB:>6.2f}/{r['hbm_bytes'] / GiB:<4.0f}GiB"
             f"{'' if r['fits'] else '!'} {r['flops'] / 1e9:>9.1f} "
-            f"{r['bytes_accessed'] / 1e9:>8.2f} {r['estimated_seconds']:>11.4g} "
-            f"{r['per_second']:>10.4g} {r['unit'] + '/s':<9} {r['mfu']:>8.1%} "
+            f"{r['bytes_accessed'] / 1e9:>8.2f} {estimate} "
             f"{c['cross_host_count']:>3} x {c['cross_host_bytes'] / 2**20:>6.1f}M "
             f"{r['compile_seconds']:>7.0f}s"
         )
@@ -486,7 +503,7 @@ def run(
             f"{r['hbm_bytes'] / GiB:.0f} GiB per device; estimated "
             + (
                 f"{r['estimated_seconds']:.4g} s per call"
-                if r["estimated_seconds"] > 0
+                if r["estimated_seconds"]
                 else "time: none (libtpu's cost model gives none for this chip)"
             )
         )

@@ -23,7 +23,8 @@ from diffusion_jax.evaluation import IMAGE_EVALUATORS, instances
 from diffusion_jax.metrics import quality as quality_metric
 from diffusion_jax.sampling import registry, schedule
 
-MODES = ("train", "eval", "sample")
+MODES = ("train", "distill", "eval", "sample")
+STUDENT_OUTPUTS = ("v", "x0")  # what a distilled student predicts
 # jax.default_matmul_precision names.
 PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
@@ -79,7 +80,6 @@ def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
         config,
         (
             "training.batch_size",
-            "training.num_train_steps",
             "training.learning_rate",
             "training.steps_per_call",
             "training.log_every",
@@ -90,6 +90,7 @@ def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _positive(
         config,
         (
+            "training.num_train_steps",  # 0: distillation's own count
             "training.warmup_steps",
             "training.grad_clip",
             "training.label_dropout",
@@ -103,6 +104,38 @@ def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
             raise errors.ConfigError(f"config.training.{name}={value!r} must be in [0, 1)")
     _divisible(config, "training.batch_size", num_devices)
     _needs_classes(config, "training.label_dropout")
+
+
+def check_distill(config: ml_collections.ConfigDict, mode: str) -> None:
+    """`config.distill` for `--mode distill` (the teacher itself is checked when it is loaded,
+    `distill.teacher_config`); a config naming a teacher is refused by `--mode train`."""
+    d = config.distill
+    if mode == "train":
+        if d.teacher_workdir:
+            raise errors.ConfigError(
+                f"config.distill.teacher_workdir={d.teacher_workdir!r}: this config distils "
+                "a teacher; run it with --mode distill"
+            )
+        _positive(config, ("training.num_train_steps",))
+        return
+    if not d.teacher_workdir:
+        raise errors.ConfigError(
+            "--mode distill needs the trained teacher: set --config.distill.teacher_workdir"
+        )
+    start, end = int(d.start_steps), int(d.end_steps)
+    if end < 1 or start <= end or start % end or (start // end) & (start // end - 1):
+        raise errors.ConfigError(
+            f"config.distill.start_steps={d.start_steps!r} must be end_steps={d.end_steps!r} "
+            "(>= 1) times a power of 2 (>= 2): each round halves the steps"
+        )
+    _positive(config, ("distill.steps_per_round",))
+    _choice(config, "diffusion.model_output", STUDENT_OUTPUTS)
+    if d.teacher_output not in ("eps", config.diffusion.model_output):
+        raise errors.ConfigError(
+            f"config.distill.teacher_output={d.teacher_output!r}: a student predicting "
+            f"{config.diffusion.model_output!r} starts from an eps teacher (fine-tuned first) "
+            "or from one with its own output"
+        )
 
 
 def _needs_classes(config: ml_collections.ConfigDict, name: str) -> None:
@@ -185,13 +218,15 @@ def check_evaluation(config: ml_collections.ConfigDict) -> None:
 def validate_config(
     config: ml_collections.ConfigDict, mode: str = "train", num_devices: int | None = None
 ) -> None:
-    """All checks that `mode` ('train' | 'eval' | 'sample') needs; ValueError on the first
-    bad value. Training previews sample, so every mode checks the sampler settings."""
+    """All checks that `mode` ('train' | 'distill' | 'eval' | 'sample') needs; ValueError on
+    the first bad value. Training previews sample, so every mode checks the sampler settings."""
     if mode not in MODES:
         raise errors.ConfigError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
     num_devices = num_devices or jax.device_count()
     check_model(config)
     check_training(config, num_devices)
+    if mode in ("train", "distill"):
+        check_distill(config, mode)
     check_sampling(config, mode)
     if mode != "train":
         _divisible(config, "sampling.batch_size", num_devices)

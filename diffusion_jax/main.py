@@ -1,7 +1,8 @@
 """Entry point: `python -m diffusion_jax.main --config configs/cifar10.py --workdir DIR`.
 
-Modes: train (default), eval (watch DIR and evaluate each checkpoint once), sample (draw
-samples from the latest checkpoint). Every config value can be overridden on the command
+Modes: train (default), distill (progressive distillation of the teacher the config names),
+eval (watch DIR and evaluate each checkpoint once), sample (draw samples from the latest
+checkpoint). Every config value can be overridden on the command
 line, e.g. `--config.training.batch_size=64`.
 """
 
@@ -22,7 +23,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import errors  # noqa: E402
 
-MODES = ("train", "eval", "sample")
+MODES = ("train", "distill", "eval", "sample")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -46,16 +47,21 @@ def run(mode: str, config, workdir: str) -> None:
     distributed.maybe_initialize_distributed()
     compile_cache.enable(config)
     logging.info("JAX devices: %s", jax.devices())
-    if mode == "train":
-        from diffusion_jax import train
+    if mode in ("train", "distill"):
+        from diffusion_jax import config_checks, train
 
+        config_checks.check_distill(config, mode)
         train.train_and_evaluate(config, workdir)
         if jax.process_index() == 0:
             base = f"python -m diffusion_jax.main --config {config_path()} --workdir {workdir}"
+            solver = (
+                ""  # a student samples with its own steps
+                if mode == "distill"
+                else " --config.sampling.method=dpm_solver++ --config.sampling.num_steps=20"
+            )
             print(
                 f"Next:\n  {base} --mode eval --config.eval.once=True\n"
-                f"  {base} --mode sample --config.sampling.method=dpm_solver++ "
-                "--config.sampling.num_steps=20",
+                f"  {base} --mode sample{solver}",
                 flush=True,
             )
     elif mode == "eval":

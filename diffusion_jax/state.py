@@ -2,8 +2,10 @@
 conversion and the benchmark alike.
 
 `TrainState` holds the parameters, their EMA, the optimiser state and the timestep sampler's
-loss history. The optimiser is Adam with a linear learning-rate warmup and global-norm
-clipping (DDPM §4), built from optax schedules.
+loss history; `DistillState` adds the teacher of a progressive-distillation round
+(`distill.py`). The optimiser is Adam with global-norm clipping and a linear learning-rate
+warmup (DDPM §4), or for distillation a linear decay to 0 over each round (Salimans & Ho
+2022), built from optax schedules.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ class TrainState:
     nonfinite_step: jax.Array  # int32 [], the first step (1-based) whose loss was not finite, or -1
 
 
+@struct.dataclass
+class DistillState(TrainState):
+    teacher_params: Any  # the teacher of the current round, shaped as params
+
+
+def distilling(config: ml_collections.ConfigDict) -> bool:
+    """Whether `config` distils a teacher (`distill.teacher_workdir` set; `--mode distill`)."""
+    return bool(config.get("distill", {}).get("teacher_workdir", ""))
+
+
 def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
     """The model of `config` with shapes only (no parameter is initialised)."""
     return nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0)))
@@ -42,9 +54,12 @@ def learning_rate_schedule(training: ml_collections.ConfigDict) -> optax.Schedul
     return optax.linear_schedule(0.0, float(training.learning_rate), warmup)
 
 
-def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam with the warmup schedule and global-norm clipping (DDPM §4)."""
-    parts = [optax.adam(learning_rate_schedule(training))]
+def make_optimizer(
+    training: ml_collections.ConfigDict, schedule: optax.Schedule | None = None
+) -> optax.GradientTransformation:
+    """Adam with global-norm clipping and `schedule` (of the optimiser's update count; default
+    the warmup schedule, DDPM §4)."""
+    parts = [optax.adam(schedule or learning_rate_schedule(training))]
     if training.grad_clip > 0:
         parts.insert(0, optax.clip_by_global_norm(training.grad_clip))
     return optax.chain(*parts)
@@ -53,10 +68,16 @@ def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransfo
 def init_train_state(
     config: ml_collections.ConfigDict,
 ) -> tuple[nnx.GraphDef, nnx.State, TrainState, optax.GradientTransformation]:
-    """Builds the model from `config.seed` and the initial (host-local) train state."""
+    """Builds the model from `config.seed` and the initial (host-local) train state; a
+    `DistillState` whose teacher is a copy of the parameters for a distillation config (its
+    run then loads the teacher's, `distill.init_state`)."""
     model = models.build_model(config, nnx.Rngs(params=config.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(config.training)
+    schedule = None
+    if distilling(config):  # the optimiser restarts each round (`distill.distill_step`)
+        lr, steps = float(config.training.learning_rate), int(config.distill.steps_per_round)
+        schedule = optax.linear_schedule(lr, 0.0, steps)
+    tx = make_optimizer(config.training, schedule)
     history = None
     if config.diffusion.timestep_sampler == "loss_aware":
         history = timestep_sampler.init_loss_history(
@@ -70,6 +91,8 @@ def init_train_state(
         loss_history=history,
         nonfinite_step=jnp.int32(-1),
     )
+    if distilling(config):
+        state = DistillState(**vars(state), teacher_params=jax.tree.map(jnp.copy, params))
     return graphdef, rest, state, tx
 
 

@@ -1,5 +1,5 @@
-"""The training loop: data-parallel steps (`train_step.py`) over a device mesh, logs,
-previews, checkpoints, preemption and the final report.
+"""The training loop: data-parallel steps (`train_step.py`, or `distill.py` for progressive
+distillation) over a device mesh, logs, previews, checkpoints, preemption and the final report.
 
 The train step's keys and the input pipeline are functions of the step, so a resumed run
 continues exactly as an uninterrupted one would.
@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import (
     checkpoint,
     config_checks,
+    distill,
     distributed,
     errors,
     generation,
@@ -92,7 +93,8 @@ def crossed(before: int, after: int, every: int) -> bool:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
     """Trains `config` in `workdir` (local or gs://), resuming from its newest readable
-    checkpoint (an unreadable newer one is reported and moved aside, never deleted).
+    checkpoint (an unreadable newer one is reported and moved aside, never deleted). A config
+    naming a teacher (`distill.teacher_workdir`, `--mode distill`) distils it instead.
 
     A SIGTERM from the start on (also during restore and compilation) saves a checkpoint
     after the next step and returns; a checkpoint that cannot be written (e.g. a full disk)
@@ -102,9 +104,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
 
 
 def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
-    config_checks.validate_config(config, "train")
+    rounds = distill.plan(config) if state_lib.distilling(config) else None
+    config_checks.validate_config(config, "distill" if rounds else "train")
     workdir = epath.Path(workdir)
     checkpoint.check_compatible(workdir, config)
+    if rounds:
+        distill.teacher_config(config)
     mesh = distributed.make_mesh()
     is_chief = jax.process_index() == 0
     if is_chief:
@@ -115,26 +120,41 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     repl = distributed.replicated(mesh)
     state = jax.device_put(state, repl)
-    mngr = checkpoint.manager(
-        workdir / "checkpoints", config.training.keep, config.training.keep_every
-    )
+    # A distillation checkpoints and keeps every round's last student.
+    round_end = rounds.steps_per_round if rounds else 0
+    keep_every = round_end or config.training.keep_every
+    mngr = checkpoint.manager(workdir / "checkpoints", config.training.keep, keep_every)
     latest, state = checkpoint.restore_newest(mngr, state, move_damaged=True)
     if latest is not None:
         print(f"Resumed from {workdir / 'checkpoints'} at step {latest}.", flush=True)
+    elif rounds:
+        state = distill.load_teacher(config, state, tx, mesh)
     start_step = int(state.step)
     last_good = latest
     pending, last_complete = None, latest  # the save being written, the newest complete one
 
     apply = generation.model_apply(graphdef, rest)
     diffusion = schedules.diffusion_from_config(config.diffusion)
-    train_fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
-    preview = None
-    if config.training.sample_every:  # every process takes part in the sharded sampler
-        preview = generation.make_sampler(
-            config, apply, mesh, config.sampling.preview_num, config.sampling.preview_respacing
-        )
+    if rounds:
+        train_fn = distill.compile_distill_fn(config, apply, tx, mesh, rounds)
+    else:
+        train_fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
+    previews = {}  # by sampler steps: a distillation's students sample with their own
 
-    total = config.training.num_train_steps
+    def preview(step: int):
+        config_at = _sampling_at(config, rounds, step)
+        n = config_at.sampling.num_steps
+        if n not in previews:  # every process takes part in the sharded sampler
+            previews[n] = generation.make_sampler(
+                config_at,
+                apply,
+                mesh,
+                config.sampling.preview_num,
+                config.sampling.preview_respacing,
+            )
+        return previews[n]
+
+    total = distill.final_step(config)
     per_call = config.training.steps_per_call
     data = input_pipeline.create_train_iterator(
         config,
@@ -146,7 +166,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     if start_step == 0:
         writer.write_hparams(logs.hparams(config))
     print(
-        f"Training {config.model.name} ({num_params:,} parameters) on {config.data.name} with "
+        f"{'Distilling' if rounds else 'Training'} {config.model.name} ({num_params:,} "
+        f"parameters) on {config.data.name} with "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), global batch "
         f"{config.training.batch_size}, steps {start_step} -> {total}. Workdir: {workdir}",
         flush=True,
@@ -155,6 +176,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     # XLA:CPU (simulated multi-device runs) can deadlock in a collective when many sharded
     # steps are queued at once, so there a step is finished before the next is dispatched.
     throttle = jax.default_backend() == "cpu" and mesh.size > 1
+    if rounds and start_step < total:
+        print(rounds.describe(start_step // rounds.steps_per_round), flush=True)
     step, tick, tick_step = start_step, time.perf_counter(), start_step
     input_s = 0.0  # host time spent waiting for batches since the last log line
     stop = False
@@ -169,6 +192,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
             jax.block_until_ready(metrics)
         before, step = step, step + k
         stop = preemption.stop_requested(mngr, step)
+        if crossed(before, step, round_end) and step < total:
+            print(rounds.describe(step // rounds.steps_per_round), flush=True)
         if crossed(before, step, config.training.log_every) or step == total or stop:
             _check_finite(state, workdir, last_good)
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -185,11 +210,16 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
                 f"ETA {logs.format_eta((total - step) / rate if rate > 0 else math.inf)}",
                 flush=True,
             )
-        if preview is not None and (
+        if config.training.sample_every and (
             crossed(before, step, config.training.sample_every) or step == total
         ):
-            _write_preview(config, preview, state, step, workdir, writer, is_chief)
-        if crossed(before, step, config.training.checkpoint_every) or step == total or stop:
+            _write_preview(config, preview(step), state, step, workdir, writer, is_chief)
+        if (
+            crossed(before, step, config.training.checkpoint_every)
+            or crossed(before, step, round_end)
+            or step == total
+            or stop
+        ):
             _check_finite(state, workdir, last_good)
             start = time.perf_counter()
             # A failure of the previous save's background write surfaces here, named by its
@@ -215,8 +245,20 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     if hasattr(data, "close"):
         data.close()
     if not stop and config.training.final_samples:
-        _final_report(config, apply, mesh, state, workdir)
+        _final_report(_sampling_at(config, rounds, step), apply, mesh, state, workdir)
     return state
+
+
+def _sampling_at(
+    config: ml_collections.ConfigDict, rounds: distill.Plan | None, step: int
+) -> ml_collections.ConfigDict:
+    """`config`, or for a distillation a copy sampling with the steps of the model after
+    `step` updates (its round's student)."""
+    if rounds is None:
+        return config
+    config = config.copy_and_resolve_references()
+    config.sampling.num_steps = rounds.student_steps(rounds.round_of(step))
+    return config
 
 
 def _final_report(config, apply, mesh, state, workdir: epath.Path) -> None:

@@ -57,26 +57,12 @@ def train_step(
         return jnp.mean(terms["loss"] * weights), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = config.training.ema_decay
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     history = state.loss_history
     if history is not None:  # IDDPM importance sampling follows the bound terms L_t
         tracked = terms["vb"] if config.diffusion.loss_type != "mse" else terms["loss"]
         history = timestep_sampler.update_loss_history(history, t, tracked)
-    finite = jnp.isfinite(loss)
-    nonfinite_step = jnp.where(
-        (state.nonfinite_step < 0) & ~finite, state.step + 1, state.nonfinite_step
-    )
-    new_state = state_lib.TrainState(
-        step=state.step + 1,
-        params=params,
-        ema_params=ema,
-        opt_state=opt_state,
-        loss_history=history,
-        nonfinite_step=nonfinite_step,
-    )
+    new_state = apply_gradients(state, grads, loss, tx, config.training.ema_decay)
+    new_state = new_state.replace(loss_history=history)
     metrics = {
         "loss": loss,
         "mse": jnp.mean(terms["mse"]),
@@ -85,6 +71,23 @@ def train_step(
         "learning_rate": state_lib.learning_rate_schedule(config.training)(state.step),
     }
     return new_state, metrics
+
+
+def apply_gradients(state, grads, loss: jax.Array, tx: optax.GradientTransformation, ema_decay):
+    """`state` (a TrainState or a subclass) one update on: step + 1, the optimiser's update of
+    the parameters, their EMA (decay * ema + (1 - decay) * params), and the first step whose
+    loss was not finite."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
+    return state.replace(
+        step=state.step + 1,
+        params=params,
+        ema_params=ema,
+        opt_state=opt_state,
+        nonfinite_step=jnp.where(bad, state.step + 1, state.nonfinite_step),
+    )
 
 
 def multi_step(step_fn, state: state_lib.TrainState, batches: dict[str, jax.Array]):
@@ -102,6 +105,12 @@ def multi_step(step_fn, state: state_lib.TrainState, batches: dict[str, jax.Arra
 def compile_train_fn(config, apply, diffusion, tx, mesh):
     """The jitted `(state, batches [K, B, ...]) -> (state, metrics)`, state donated."""
     step_fn = functools.partial(train_step, config=config, apply=apply, diffusion=diffusion, tx=tx)
+    return compile_steps(step_fn, mesh)
+
+
+def compile_steps(step_fn, mesh):
+    """`multi_step` of `step_fn(state, batch) -> (state, metrics)` jitted over `mesh`: the
+    state replicated and donated, the batches [K, B, ...] sharded over B."""
     repl = distributed.replicated(mesh)
     return jax.jit(
         functools.partial(multi_step, step_fn),

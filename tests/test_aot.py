@@ -267,3 +267,32 @@ def test_loop_factor_of_a_compiled_scan():
         compiled = fn.lower(x).compile()
         assert aot._cost(compiled)["flops"] == pytest.approx(2 * 128**3, rel=0.01)
         assert aot.loop_factor(compiled.as_text()) == n
+
+
+@pytest.mark.parametrize("optimal", [-212.0, 0.0, float("nan"), None])
+def test_no_estimate_is_reported_as_none_not_as_a_time(optimal):
+    """libtpu 0.0.42.1 answers optimal_seconds = -212 for v5e (no cost model): the row says
+    'none' and its JSON null, never a negative or NaN time."""
+    assert aot.estimated_seconds(optimal, 1000.0) is None
+    assert aot.estimated_seconds(0.0182, 4.0) == pytest.approx(0.0728)
+    row = {
+        "program": "sample",
+        "argument_bytes": 2**30,
+        "temp_bytes": 2**30,
+        "output_bytes": 0,
+        "code_bytes": 2**20,
+        "peak_bytes": 2 * 2**30,
+        "hbm_bytes": 16 * 2**30,
+        "fits": True,
+        "flops": 3.7e14,
+        "bytes_accessed": 3.5e12,
+        "estimated_seconds": None,
+        "per_second": None,
+        "unit": "samples",
+        "mfu": None,
+        "compile_seconds": 67.0,
+        "collectives": {"cross_host_count": 0, "cross_host_bytes": 0},
+    }
+    line = aot.format_table([row]).splitlines()[-1]
+    assert line.count("none") == 3 and "nan" not in line and "-" not in line
+    assert json.loads(json.dumps(row))["estimated_seconds"] is None

@@ -1,7 +1,7 @@
 """Sample quality per network evaluation: every sampler at several NFE on one checkpoint.
 
     python -m diffusion_jax.benchmark.sampler_quality --workdir /tmp/diffusion_digits \\
-        [--num_samples 800] [--nfe 10,20,50] [--out FILE.json]
+        [--num_samples 800] [--nfe 10,20,50] [--step N] [--out FILE.json]
 
 For each method of `METHODS` (strided ancestral, DDIM, DPM-Solver++ 2M with and without the
 final step to sigma = 0, SDE-DPM-Solver++ 2M, UniPC, DPM-Solver-3, Heun) at each NFE,
@@ -41,6 +41,7 @@ METHODS = {
     "ancestral (strided)": lambda nfe: {"method": "ancestral", "num_steps": nfe},
     "ddim": lambda nfe: {"method": "ddim", "num_steps": nfe, "spacing": "uniform"},
     "ddim (quadratic)": lambda nfe: {"method": "ddim", "num_steps": nfe, "spacing": "quadratic"},
+    "ddim (trailing)": lambda nfe: {"method": "ddim", "num_steps": nfe, "spacing": "trailing"},
     "dpm_solver++ 2M": lambda nfe: {"method": "dpm_solver++", "num_steps": nfe},
     "dpm_solver++ 2M (to zero)": lambda nfe: {
         "method": "dpm_solver++",
@@ -71,7 +72,7 @@ METHODS = {
 
 def _sampling(config: Any, overrides: dict[str, Any]) -> Any:
     c = config.copy_and_resolve_references()
-    c.sampling.respacing = ""
+    c.sampling.respacing, c.sampling.spacing = "", ""  # the workdir's own sampler left aside
     for k, v in overrides.items():
         c.sampling[k] = v
     return c
@@ -84,12 +85,14 @@ def measure(
     nfes: list[int],
     methods: list[str],
     paper: bool = True,
+    step: int = -1,
 ) -> list[dict]:
-    """Rows {'method', 'nfe', 'seconds', **quality.score} for `methods` at every NFE."""
+    """Rows {'method', 'nfe', 'seconds', **quality.score} for `methods` at every NFE, from
+    checkpoint `step` (-1: the latest)."""
     config_checks.validate_config(config, "sample")
     mesh = distributed.make_mesh()
     graphdef, rest, abstract = state_lib.abstract_train_state(config, mesh)
-    step = checkpoint.checkpoint_steps(workdir)[-1]
+    step = checkpoint.checkpoint_steps(workdir)[-1] if step < 0 else step
     params = checkpoint.restore_step(workdir, step, abstract).ema_params
     apply = generation.model_apply(graphdef, rest)
     key = streams.key(config.seed, streams.Stream.SAMPLES)
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nfe", default="10,20,50")
     p.add_argument("--methods", default=",".join(METHODS), help="names of METHODS, comma-separated")
     p.add_argument("--no_paper", action="store_true", help="leave out the 1000-step chain row")
+    p.add_argument("--step", type=int, default=-1, help="the checkpoint (-1: the latest)")
     p.add_argument("--out", default="")
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     args = p.parse_args(argv)
@@ -162,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise errors.UserError(f"unknown --methods {unknown}; allowed: {', '.join(METHODS)}")
-        rows = measure(config, args.workdir, args.num_samples, nfes, methods, not args.no_paper)
+        rows = measure(
+            config, args.workdir, args.num_samples, nfes, methods, not args.no_paper, args.step
+        )
     device = f"{jax.device_count()} {jax.devices()[0].platform}, jax {jax.__version__}"
     print(table(rows, device))
     if args.out:

@@ -5,7 +5,7 @@ Each result is one JSON line of `DIR/eval/metrics.jsonl` (the record of what is 
 restarted job redoes nothing), TensorBoard scalars and images in `DIR/eval`, and the
 evaluators' pictures as `DIR/eval/<picture>_<step>.png`. `eval.once` evaluates the latest
 checkpoint and exits; otherwise the job polls every `eval.poll_seconds` and stops once the
-checkpoint at `training.num_train_steps` is evaluated. Every process takes part in
+checkpoint of the run's last step (`distill.final_step`) is evaluated. Every process takes part in
 sampling and bits/dim; files and logs are the chief's (process 0) work.
 """
 
@@ -23,6 +23,7 @@ from etils import epath
 from diffusion_jax import (
     checkpoint,
     config_checks,
+    distill,
     distributed,
     errors,
     generation,
@@ -167,7 +168,7 @@ def evaluate_checkpoints(
     order, appending a record to `DIR/eval/metrics.jsonl` after each; returns the new records.
 
     With `eval.once` only the latest checkpoint (if not done yet); otherwise polls every
-    `eval.poll_seconds` until the checkpoint at `training.num_train_steps` is evaluated.
+    `eval.poll_seconds` until the checkpoint of the run's last step is evaluated.
 
     An unreadable checkpoint (truncated, corrupt) is reported in one line and recorded as
     `{"step": N, "skipped": "unreadable checkpoint: ..."}`, so neither this job nor a
@@ -226,7 +227,7 @@ def evaluate_checkpoints(
                 append_metrics(path, record)
             done.add(step)
             results.append(record)
-        finished = max(done, default=-1) >= config.training.num_train_steps
+        finished = max(done, default=-1) >= distill.final_step(config)
         if (config.eval.once or finished) and not evaluated and results:
             bad = "; ".join(
                 f"step {r['step']}: {r['skipped'].removeprefix('unreadable checkpoint: ')}"
@@ -244,7 +245,7 @@ def evaluate_checkpoints(
             logs.log(
                 f"Waiting for new checkpoints in {checkpoint.checkpoints_dir(workdir)}{missing} "
                 f"(every {config.eval.poll_seconds} s, until step "
-                f"{config.training.num_train_steps})."
+                f"{distill.final_step(config)})."
             )
         waiting = not todo
         time.sleep(float(config.eval.poll_seconds))

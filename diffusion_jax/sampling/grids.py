@@ -16,6 +16,10 @@ Chain grids (`chain`): the sorted 0-based timesteps a respaced chain keeps, at t
   collapse, so it may keep fewer than S). The DDIM code indexes alphas as
   alphas_cumprod_padded[t + 1] with alphas_cumprod_padded[0] = 1, so its timestep t is exactly
   this repo's 0-based index, fed to the network as t.
+- DDIM's `trailing` spacing (`trailing`): t_i = i / S from 1 down to 0, every step 1/S of the
+  time (diffusers' timestep_spacing="trailing"; the grid of progressive distillation, whose
+  students learn exactly these steps). Its times are chain timesteps where S divides N and
+  fractions of one between them.
 
 Time grids (`time_grid`) for the ODE solvers, from t_max = 1 down to t_min = 1 / N with exact
 endpoints (DPM-Solver's `get_time_steps`): `uniform` in t, `logsnr` uniform in lambda (DPM-
@@ -38,6 +42,7 @@ from diffusion_jax.errors import ConfigError
 from diffusion_jax.sampling.schedule import Schedule
 
 CHAIN_SPACINGS = ("uniform", "quadratic")
+TRAILING = "trailing"  # DDIM only: t_i = i / S (`trailing`)
 TIME_SPACINGS = ("uniform", "logsnr", "quadratic", "karras")
 KARRAS_RHO = 7.0
 
@@ -92,6 +97,12 @@ def chain_timesteps(ancestral: bool, num_timesteps: int, num_steps: int, spacing
     if ancestral:
         return schedules.space_timesteps(T, str(S))
     return ddim_uniform(T, S)
+
+
+def trailing(num_steps: int) -> np.ndarray:
+    """The `trailing` grid of S steps [S + 1]: t_i = i / S, from t = 1 (network timestep N - 1)
+    down to t = 0 (the data); progressive distillation's sampler (Salimans & Ho 2022, Alg. 2)."""
+    return np.linspace(1.0, 0.0, int(num_steps) + 1)
 
 
 def chain(schedule: Schedule, timesteps: Sequence[int]) -> np.ndarray:

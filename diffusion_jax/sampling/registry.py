@@ -12,7 +12,8 @@ validation of `config.sampling`, and the settings recorded beside the samples.
 | `heun`             | Karras et al. 2022 Algorithm 1, S_churn = 0        | time  | 2 steps - 1  |
 
 Chain grids come from `sampling.respacing` or `num_steps` with `spacing` (`grids.chain_
-timesteps`; a 'ddimN' respacing selects DDIM); time grids from `num_steps`, `spacing` and
+timesteps`; a 'ddimN' respacing selects DDIM; DDIM's `trailing` spacing steps i / N, `grids.
+trailing`, the grid distilled students sample on); time grids from `num_steps`, `spacing` and
 `denoise_to_zero` (`grids.time_grid`). A new sampler is a stepper in `steppers.py` and one
 entry in `METHODS` (+ its branch in `build`).
 """
@@ -45,14 +46,14 @@ class Method:
 _TIME = grids.TIME_SPACINGS
 METHODS: dict[str, Method] = {
     "ancestral": Method(True, grids.CHAIN_SPACINGS, "uniform"),
-    "ddim": Method(True, grids.CHAIN_SPACINGS, "uniform"),
+    "ddim": Method(True, grids.CHAIN_SPACINGS + (grids.TRAILING,), "uniform"),
     "dpm_solver++": Method(False, _TIME, "logsnr", (1, 2), 2, (), True, True),
     "sde_dpm_solver++": Method(False, _TIME, "logsnr", (1, 2), 2, (), True, True),
     "dpm_solver": Method(False, _TIME, "logsnr", (1, 2, 3), 3, ("singlestep", "multistep"), True),
     "unipc": Method(False, _TIME, "logsnr", (1, 2, 3), 2, ("bh2", "bh1"), True, True),
     "heun": Method(False, _TIME, "karras", (2,), 2),
 }
-SPACINGS = tuple(dict.fromkeys(grids.CHAIN_SPACINGS + _TIME))
+SPACINGS = tuple(dict.fromkeys(grids.CHAIN_SPACINGS + (grids.TRAILING,) + _TIME))
 VARIANT_FIELD = {"dpm_solver": "dpm_solver_variant", "unipc": "unipc_variant"}
 
 
@@ -166,7 +167,12 @@ def validate(sampling: Any, num_timesteps: int, model_output: str | None = None)
             f"sampling.respacing={respacing!r} applies to the chain methods (ancestral, ddim); "
             f"method {name!r} takes sampling.num_steps, so set respacing=''"
         )
-    if m.chain:
+    if spacing == grids.TRAILING and (respacing or not num_steps):
+        raise ConfigError(
+            f"sampling.spacing={spacing!r} steps i / num_steps: give sampling.num_steps and "
+            "sampling.respacing=''"
+        )
+    if m.chain and spacing != grids.TRAILING:
         _chain_timesteps(sampling, name, T, respacing)
 
 
@@ -223,7 +229,10 @@ def build(config: Any, respacing: str | None = None) -> Stepper:
     if name == "ancestral":
         return steppers.ancestral(sched, _chain_timesteps(s, name, sched.num_timesteps, respacing))
     if name == "ddim":
-        grid = grids.chain(sched, _chain_timesteps(s, name, sched.num_timesteps, respacing))
+        if spacing == grids.TRAILING:
+            grid = grids.trailing(n)
+        else:
+            grid = grids.chain(sched, _chain_timesteps(s, name, sched.num_timesteps, respacing))
         return steppers.multistep("ddim", sched, grid, np.ones(len(grid) - 1, np.int32), r["eta"])
     to_zero = bool(r.get("denoise_to_zero", False))
     if name == "dpm_solver" and r["dpm_solver_variant"] == "singlestep":
