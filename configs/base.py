@@ -100,7 +100,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.guidance_scale = 0.0  # classifier-free guidance weight w (0 = off)
     sampling.num_samples = 50_000
     sampling.batch_size = 256
-    sampling.preview_respacing = "100"  # previews' chain (ancestral/ddim; others: num_steps)
+    # previews' chain (ancestral/ddim; others, and distilled students: num_steps)
+    sampling.preview_respacing = "100"
     sampling.preview_num = 64
     sampling.checkpoint_step = -1  # --mode sample: the checkpoint to draw from (-1 = latest)
     sampling.max_shards = 0  # --mode sample: stop after this many new shards (0 = all)

@@ -40,5 +40,4 @@ def get_config():
     config.sampling.method = "ddim"
     config.sampling.spacing = "trailing"
     config.sampling.num_steps = d.get_ref("end_steps")
-    config.sampling.preview_respacing = ""  # previews: each round's student with its own steps
     return config

@@ -19,7 +19,7 @@ from diffusion_jax import (
     state,
     timestep_sampler,
 )
-from diffusion_jax.evaluation import IMAGE_EVALUATORS, instances
+from diffusion_jax.evaluation import Need, evaluator_class, instances
 from diffusion_jax.metrics import quality as quality_metric
 from diffusion_jax.sampling import registry, schedule
 
@@ -180,18 +180,27 @@ def _check_xprev_chain(config: ml_collections.ConfigDict, name: str, respacing: 
 
 
 def check_evaluation(config: ml_collections.ConfigDict) -> None:
+    """What each configured evaluator declares it needs (`evaluation.base.Need`), then the
+    `config.eval` fields."""
+    kinds = set()
     for name, (kind, own) in instances(config).items():
-        if kind in IMAGE_EVALUATORS and not input_pipeline.is_image_data(config):
+        needs, kinds = evaluator_class(kind).needs, kinds | {kind}
+        if Need.IMAGES in needs and not input_pipeline.is_image_data(config):
             raise errors.ConfigError(
                 f"config.eval.evaluators: {name!r} needs image data, not {config.data.name!r}"
             )
-        if kind == "quality" and config.data.name not in quality_metric.HEADLINE:
+        if Need.QUALITY_METRIC in needs and config.data.name not in quality_metric.HEADLINE:
             raise errors.ConfigError(
-                f"config.eval.evaluators: 'quality' has a metric for "
+                f"config.eval.evaluators: {name!r} has a metric for "
                 f"{', '.join(quality_metric.HEADLINE)} only, not {config.data.name!r}; use 'fid'"
             )
-        if own is not config:  # an instance with its own sampler settings
-            check_sampling(own, mode="eval")
+        if own is config:
+            continue
+        if Need.SAMPLES not in needs and own.sampling.to_dict() != config.sampling.to_dict():
+            raise errors.ConfigError(
+                f"config.eval.instances.{name}.sampling: a {kind!r} evaluator draws no samples"
+            )
+        check_sampling(own, mode="eval")
     for name in (
         "batch_size",
         "grid_num",
@@ -206,7 +215,7 @@ def check_evaluation(config: ml_collections.ConfigDict) -> None:
     _choice(config, "eval.ode_divergence", ode_likelihood.DIVERGENCES)
     _choice(config, "eval.ode_probe", ode_likelihood.PROBES)
     _positive(config, ("eval.ode_num_steps", "eval.ode_num_probes"))
-    if "ode_bpd" in config.eval.evaluators:
+    if "ode_bpd" in kinds:
         _choice(config, "diffusion.model_output", schedule.ODE_MODEL_OUTPUTS)
     if 0 < config.eval.num_samples < config.eval.is_splits:
         raise errors.ConfigError(

@@ -150,7 +150,7 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
                 apply,
                 mesh,
                 config.sampling.preview_num,
-                config.sampling.preview_respacing,
+                "" if rounds else config.sampling.preview_respacing,  # students: their grid
             )
         return previews[n]
 

@@ -523,7 +523,7 @@ BAD_SETTINGS = [
     ),
     (
         dict(method="dpm_solver++", num_steps=9, spacing="cosine"),
-        r"spacing='cosine' is not supported.*uniform, quadratic, logsnr, karras",
+        r"spacing='cosine' is not supported.*uniform, quadratic, trailing, logsnr, karras",
     ),
     (
         dict(method="ddim", num_steps=9, spacing="logsnr"),

@@ -29,6 +29,7 @@ An instance named other than its type reports its metrics and pictures prefixed 
 
 from __future__ import annotations
 
+import enum
 import importlib
 from typing import Any
 
@@ -44,8 +45,15 @@ EVALUATORS = {
     "fid": "fid.FidInceptionScore",
     "quality": "quality.SampleQuality",
 }
-# Evaluators that need image data (not the 2-D swiss roll).
-IMAGE_EVALUATORS = ("bpd", "ode_bpd", "interpolation", "fid")
+
+
+class Need(enum.Enum):
+    """What an evaluator class declares in its `needs`; `config_checks.check_evaluation`
+    checks each before anything compiles."""
+
+    IMAGES = "image data"  # [H, W, C] images, not the 2-D swiss roll
+    QUALITY_METRIC = "a sample-quality metric of the data"  # `metrics.quality.HEADLINE`
+    SAMPLES = "samples"  # draws samples: an instance may give it its own sampler settings
 
 
 def instances(config: Any) -> dict[str, tuple[str, Any]]:

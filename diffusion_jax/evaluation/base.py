@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffusion_jax import distributed, errors, generation, logs, sample
+from diffusion_jax.evaluation import Need
 from diffusion_jax.sampling import registry
 
 
@@ -44,6 +45,8 @@ class Context:
 
 
 class Evaluator(Protocol):
+    needs: frozenset[Need]
+
     def __init__(self, context: Context) -> None: ...
 
     def run(self, params: Any, step: int) -> dict[str, Any]: ...

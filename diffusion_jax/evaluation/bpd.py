@@ -120,6 +120,8 @@ def eval_batches(
 class BitsPerDim:
     """Evaluator 'bpd': the variational bound and rate/distortion (see the module doc)."""
 
+    needs = frozenset({base.Need.IMAGES})
+
     def __init__(self, context: base.Context) -> None:
         self.context = context
         self._fn = None

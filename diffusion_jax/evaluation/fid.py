@@ -137,6 +137,8 @@ class FidInceptionScore:
     """Evaluator 'fid'. `feature_fn` (uint8 NHWC RGB -> (pool3, logits)) replaces the FID
     Inception, e.g. in tests; None loads the Inception."""
 
+    needs = frozenset({base.Need.IMAGES, base.Need.SAMPLES})
+
     def __init__(self, context: base.Context, feature_fn: FeatureFn | None = None) -> None:
         self.context = context
         self._feature_fn = feature_fn

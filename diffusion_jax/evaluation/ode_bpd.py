@@ -58,6 +58,8 @@ def make_ode_bpd_fn(
 class OdeBitsPerDim:
     """Evaluator 'ode_bpd' (see the module doc)."""
 
+    needs = frozenset({base.Need.IMAGES})
+
     def __init__(self, context: base.Context) -> None:
         self.context = context
         self._fn = None

@@ -73,6 +73,8 @@ class Samples:
     progressive strip of the first `eval.progressive_rows` of them ('progressive'), from one
     sampling run with the configured sampler."""
 
+    needs = frozenset({base.Need.SAMPLES})
+
     def __init__(self, context: base.Context) -> None:
         self.context = context
         c = context.config
@@ -108,6 +110,8 @@ class Samples:
 class Interpolation:
     """Evaluator 'interpolation': the first 2P test images interpolated pairwise in latent
     space (chief only, one device), P = `eval.interpolation_pairs`."""
+
+    needs = frozenset({base.Need.IMAGES})
 
     def __init__(self, context: base.Context) -> None:
         self.context = context

@@ -33,6 +33,8 @@ __all__ = ["HEADLINE", "SampleQuality", "score", "summary"]
 class SampleQuality:
     """Evaluator 'quality' (see the module doc)."""
 
+    needs = frozenset({base.Need.QUALITY_METRIC, base.Need.SAMPLES})
+
     def __init__(self, context: base.Context) -> None:
         self.samples = base.EvalSamples(context)
 
