@@ -180,7 +180,7 @@ def _check_xprev_chain(config: ml_collections.ConfigDict, name: str, respacing: 
 
 
 def check_evaluation(config: ml_collections.ConfigDict) -> None:
-    """What each configured evaluator declares it needs (`evaluation.base.Need`), then the
+    """What each configured evaluator declares it needs (`evaluation.Need`), then the
     `config.eval` fields."""
     kinds = set()
     for name, (kind, own) in instances(config).items():

@@ -70,37 +70,29 @@ def init_train_state(
 ) -> tuple[nnx.GraphDef, nnx.State, TrainState, optax.GradientTransformation]:
     """Builds the model from `config.seed` and the initial (host-local) train state; a
     `DistillState` whose teacher is a copy of the parameters for a distillation config (its
-    run then loads the teacher's, `distill.init_state`). The initialisation runs as one
-    compiled program: eagerly, every initialiser of every layer compiles on its own (about
-    10 s for the tiny test U-Net on a CPU, and longer on a TPU)."""
-    graphdef = nnx.graphdef(abstract_model(config))
+    run then loads the teacher's, `distill.init_state`)."""
+    model = models.build_model(config, nnx.Rngs(params=config.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     schedule = None
     if distilling(config):  # the optimiser restarts each round (`distill.distill_step`)
         lr, steps = float(config.training.learning_rate), int(config.distill.steps_per_round)
         schedule = optax.linear_schedule(lr, 0.0, steps)
     tx = make_optimizer(config.training, schedule)
-
-    def initial() -> tuple[nnx.State, TrainState]:
-        model = models.build_model(config, nnx.Rngs(params=config.seed))
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        history = None
-        if config.diffusion.timestep_sampler == "loss_aware":
-            history = timestep_sampler.init_loss_history(
-                config.diffusion.num_timesteps, config.diffusion.history_per_term
-            )
-        state = TrainState(
-            step=jnp.int32(0),
-            params=params,
-            ema_params=jax.tree.map(jnp.copy, params),
-            opt_state=tx.init(params),
-            loss_history=history,
-            nonfinite_step=jnp.int32(-1),
+    history = None
+    if config.diffusion.timestep_sampler == "loss_aware":
+        history = timestep_sampler.init_loss_history(
+            config.diffusion.num_timesteps, config.diffusion.history_per_term
         )
-        if distilling(config):
-            state = DistillState(**vars(state), teacher_params=jax.tree.map(jnp.copy, params))
-        return rest, state
-
-    rest, state = jax.jit(initial)()
+    state = TrainState(
+        step=jnp.int32(0),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+        loss_history=history,
+        nonfinite_step=jnp.int32(-1),
+    )
+    if distilling(config):
+        state = DistillState(**vars(state), teacher_params=jax.tree.map(jnp.copy, params))
     return graphdef, rest, state, tx
 
 

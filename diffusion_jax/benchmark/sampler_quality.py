@@ -3,9 +3,10 @@
     python -m diffusion_jax.benchmark.sampler_quality --workdir /tmp/diffusion_digits \\
         [--num_samples 800] [--nfe 10,20,50] [--step N] [--out FILE.json]
 
-For each method of `METHODS` (strided ancestral, DDIM, DPM-Solver++ 2M with and without the
-final step to sigma = 0, SDE-DPM-Solver++ 2M, UniPC, DPM-Solver-3, Heun) at each NFE,
-and the paper's full ancestral chain, draws `--num_samples` samples from the EMA parameters
+For each method of `METHODS` (strided ancestral with uniform and quadratic steps, DDIM,
+DPM-Solver++ 2M with and without the final step to sigma = 0, SDE-DPM-Solver++ 2M on logSNR
+and quadratic steps, UniPC, DPM-Solver-3, Heun) at each NFE, and the paper's full ancestral
+chain, draws `--num_samples` samples from the EMA parameters
 of the latest checkpoint (under the run's own config.json) with the same noise, times them
 after compiling, and scores them with the project's sample-quality metric
 (`evaluation.quality`: digits FD with its real-data floor, swiss-roll energy distance).
@@ -52,6 +53,17 @@ METHODS = {
         "method": "sde_dpm_solver++",
         "num_steps": nfe,
         "denoise_to_zero": True,
+    },
+    "sde_dpm_solver++ 2M quadratic (to zero)": lambda nfe: {
+        "method": "sde_dpm_solver++",
+        "num_steps": nfe,
+        "spacing": "quadratic",
+        "denoise_to_zero": True,
+    },
+    "ancestral (quadratic)": lambda nfe: {
+        "method": "ancestral",
+        "num_steps": nfe,
+        "spacing": "quadratic",
     },
     "unipc-2 bh2 (to zero)": lambda nfe: {
         "method": "unipc",
