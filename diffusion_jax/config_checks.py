@@ -184,7 +184,8 @@ def check_evaluation(config: ml_collections.ConfigDict) -> None:
     `config.eval` fields."""
     kinds = set()
     for name, (kind, own) in instances(config).items():
-        needs, kinds = evaluator_class(kind).needs, kinds | {kind}
+        needs = evaluator_class(kind).needs
+        kinds.add(kind)
         if Need.IMAGES in needs and not input_pipeline.is_image_data(config):
             raise errors.ConfigError(
                 f"config.eval.evaluators: {name!r} needs image data, not {config.data.name!r}"
