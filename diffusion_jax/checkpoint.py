@@ -5,17 +5,28 @@ Saves are asynchronous; the manager keeps the last `training.keep` checkpoints p
 rename, so `latest_step()` never returns a half-written one.
 
 Faults end in one line (`CheckpointError`, a `UserError` that main.py prints before exiting
-with status 1) instead of TensorStore's and asyncio's tracebacks. What a failed read means is
-decided from the checkpoint and the storage, not from any library's message: when reading
-checkpoint s fails in any way while the storage answers (its folders list, its files open),
-checkpoint s is damaged (`UnreadableCheckpointError`, naming the root cause of the failure)
-and readers fall back to the newest readable one; when the storage does not answer, the error
-says so and nothing is changed. Every checkpoint also records a checksum of each array
-(`state_checksums`, in orbax's step metadata), verified after every restore: TensorStore
-checksums only its indices, so bytes overwritten inside array data would otherwise restore
-as wrong numbers without an error. A save that fails (e.g. a full disk), in the foreground or
-in orbax's background thread, names the step and the directory. A damaged checkpoint is never
-deleted: training moves it aside to `<step>.damaged-<time>`.
+with status 1) instead of TensorStore's and asyncio's tracebacks. Whether a checkpoint is
+damaged is decided only from evidence that its files are not what was written: each save
+records every file of the checkpoint with its size and CRC-32 (`FILES_NAME`, written inside
+the step's folder before orbax renames it into place, so a finished checkpoint always has
+it), and a checksum of each array (`state_checksums`, in orbax's step metadata), verified
+after every restore (TensorStore checksums only its indices: bytes overwritten inside array
+data would otherwise restore as wrong numbers). When a read fails:
+
+- files missing, of other sizes or other contents than recorded, or unparsable metadata:
+  damaged (`UnreadableCheckpointError`); readers fall back to the newest readable one, and
+  training moves the damaged one aside to `<step>.damaged-<time>` (never deletes it);
+- files as written and the failure an I/O error (OSError, or TensorStore's ValueError of a
+  status): the storage, not the checkpoint; the read is retried `len(READ_RETRY_DELAYS_S)`
+  times with backoff, then one line says the storage did not answer and nothing was changed;
+- any other exception (TypeError, AttributeError, MemoryError, ...): a bug or a resource
+  problem, raised as it is with its traceback; nothing is changed.
+
+On several processes every read ends in one collective, so all processes take the same
+decision (the most severe one any of them reached) and none waits for another forever.
+A checkpoint written before the files were recorded is judged as it used to be: a read
+that fails on every try while all its files read is damage. A save that fails (e.g. a full
+disk), in the foreground or in orbax's background thread, names the step and the directory.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import re
 import sys
 import threading
 import time
+import zlib
 from pathlib import PurePath
 from typing import Any
 
@@ -61,28 +73,50 @@ FUNCTION_FIELDS = ("num_groups", "norm_eps", "dtype")
 
 
 def manager(
-    directory: str | epath.Path,
-    keep: int = 3,
-    keep_every: int | None = None,
-    async_save: bool = True,
+    directory: str | epath.Path, keep: int = 3, keep_every: int | None = None
 ) -> ocp.CheckpointManager:
-    """The training run's manager. Unfinished saves of an earlier run (orbax's
-    `<step>.orbax-checkpoint-tmp` folders, e.g. left by a full disk) are removed.
+    """The training run's manager (saves in the background: `finish_saving` waits). Unfinished
+    saves of an earlier run (orbax's `<step>.orbax-checkpoint-tmp` folders, e.g. left by a
+    full disk) are removed.
 
     The step's folders are created in the foreground: when that fails (a full disk),
     orbax's background writers would otherwise wait 5 minutes for them, and the process
     could not exit before they gave up."""
     _quiet_reported_errors()
+    directory = epath.Path(directory)
+    recorder = _FileRecorder(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         keep_period=keep_every or None,
-        enable_async_checkpointing=async_save,
+        enable_async_checkpointing=True,
         create=True,
         cleanup_tmp_directories=True,
-        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
+        async_options=ocp.options.AsyncOptions(
+            create_directories_asynchronously=False, post_finalization_callback=recorder
+        ),
     )
     with _without_orbax_logs():
-        return ocp.CheckpointManager(epath.Path(directory), options=options)
+        mngr = ocp.CheckpointManager(directory, options=options)
+    mngr._diffusion_jax_recorder = recorder  # noqa: SLF001 - `save` names the step it records
+    return mngr
+
+
+class _FileRecorder:
+    """Orbax's post-finalisation callback: writes `FILES_NAME` (every file of the step being
+    saved, its size and CRC-32) into the step's folder once orbax has written all of it and
+    before it renames the folder into place. Runs in orbax's background thread; the chief
+    writes, the other processes do nothing."""
+
+    def __init__(self, directory: epath.Path):
+        self.directory, self.step = directory, None
+
+    def __call__(self) -> None:
+        if self.step is None or not logs.is_chief():
+            return
+        unfinished = sorted(self.directory.glob(f"{self.step}.orbax-checkpoint-tmp*"))
+        step_dir = unfinished[-1] if unfinished else self.directory / str(self.step)
+        record = {"files": {rel: [size, crc] for rel, size, crc in _files(step_dir)}}
+        write_atomic(step_dir / FILES_NAME, json.dumps(record, sort_keys=True).encode())
 
 
 @contextlib.contextmanager
@@ -110,8 +144,10 @@ def save(
     """Starts writing `state` as checkpoint `step` (in the background for an asynchronous
     manager). CheckpointError (one line) if it cannot be; `last_complete`, the newest
     checkpoint known to be complete, is named in it."""
-    metadata = {CHECKSUMS_KEY: state_checksums(state)}
+    metadata = {CHECKSUMS_KEY: state_checksums(state), FILES_KEY: FILES_NAME}
     try:
+        mngr.wait_until_finished()  # the recorder of the previous save has run
+        mngr._diffusion_jax_recorder.step = step  # noqa: SLF001
         return mngr.save(
             step, args=ocp.args.StandardSave(state), force=force, custom_metadata=metadata
         )
@@ -163,61 +199,207 @@ def write_error(
     )
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+# How long to wait before each new try of a read that failed while the checkpoint's files are
+# as written (a storage that did not answer for a moment): 5 tries over 15 s.
+READ_RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)
+
+# What one try of a read came to, least severe first: on several processes the most severe
+# outcome of any process is every process's decision.
+OK, STORAGE, DAMAGED, CONFIG, BUG = range(5)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, *, log=None) -> Any:
     """Restores `step` into the structure, shapes and shardings of `abstract_state`.
 
-    UnreadableCheckpointError (the same on every process) when the checkpoint is damaged;
-    ConfigError when it holds another structure or other shapes than `abstract_state`;
-    CheckpointError when the storage could not be read (unreachable, no permission).
+    UnreadableCheckpointError when its files are not as written (damaged); ConfigError when
+    it holds another structure or other shapes than `abstract_state`; CheckpointError when the
+    read still fails after `len(READ_RETRY_DELAYS_S)` retries (each reported through `log`)
+    with the files as written (the storage did not answer); any other failure is raised as it
+    is. A collective on several processes: they all reach the same outcome.
     """
+    log = log or logs.log
     directory = epath.Path(mngr.directory)
-    error = None
-    try:
-        restored = _read(mngr, directory, step, abstract_state)
-    except UnreadableCheckpointError as e:
-        error = e
-    if not _all_processes(error is None):
-        raise error or UnreadableCheckpointError(directory, step, "unreadable on another process")
-    return restored
+    start, tries = time.monotonic(), len(READ_RETRY_DELAYS_S) + 1
+    for attempt in range(tries):
+        outcome, result = _try_read(mngr, directory, step, abstract_state)
+        decision, where = _agree(outcome)
+        if decision == OK:
+            return result
+        if outcome == decision and decision != STORAGE:
+            raise result  # a bug keeps its traceback; damage and a misfit are one line
+        if decision == BUG:
+            raise RuntimeError(f"reading checkpoint {step} failed on process {where} (see there)")
+        if decision == CONFIG:
+            raise errors.ConfigError(
+                f"checkpoint {step} in {directory} does not fit this config (process {where})"
+            )
+        if decision == DAMAGED:
+            raise UnreadableCheckpointError(directory, step, f"damaged (process {where})")
+        why = describe_error(result, directory) if outcome == STORAGE else f"process {where}"
+        if attempt + 1 < tries:
+            delay = READ_RETRY_DELAYS_S[attempt]
+            log(
+                f"Reading checkpoint {step} in {directory} failed ({why}) while its files are "
+                f"as written: try {attempt + 2} of {tries} in {delay:g} s."
+            )
+            time.sleep(delay)
+    if _legacy_damage(directory, step):
+        raise UnreadableCheckpointError(directory, step, why)
+    raise CheckpointError(
+        f"could not read checkpoint {step} in {directory}: the storage did not answer in "
+        f"{tries} tries over {time.monotonic() - start:.0f} s ({why}); its files are as "
+        "written and nothing was changed: rerun once the storage answers"
+    )
 
 
-def _read(mngr, directory: epath.Path, step: int, abstract_state: Any) -> Any:
-    """Checkpoint `step`, verified against its recorded checksums. Any failure to read it is
-    classified by `_read_error`, from the storage, whatever its type or text."""
+def _agree(outcome: int) -> tuple[int, int]:
+    """(the most severe outcome of any process, the first process that reached it)."""
+    if jax.process_count() == 1:
+        return outcome, 0
+    from jax.experimental import multihost_utils
+
+    outcomes = np.asarray(multihost_utils.process_allgather(np.array([outcome], np.int32)))
+    return int(outcomes.max()), int(outcomes.reshape(-1).argmax())
+
+
+def _try_read(
+    mngr: ocp.CheckpointManager, directory: epath.Path, step: int, abstract_state: Any
+) -> tuple[int, Any]:
+    """(outcome, the state or the exception) of one read of checkpoint `step`; never raises.
+    A failure is classified from the checkpoint's files (`damage_evidence`) and the
+    exception's type, never from its text."""
     _quiet_reported_errors()
+    step_dir = directory / str(step)
     try:
-        checksums = _recorded_checksums(directory / str(step))
-        saved = ocp.StandardCheckpointHandler().metadata(directory / str(step) / "default")
-    except UnreadableCheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - what it means is decided from the storage
-        raise _read_error(directory, step, e) from e
+        return OK, _read(mngr, step_dir, abstract_state)
+    except errors.ConfigError as e:
+        return CONFIG, e
+    except UnreadableCheckpointError as e:
+        return DAMAGED, e
+    except Exception as error:  # noqa: BLE001 - classified here; a bug is raised by `restore`
+        if any(isinstance(e, MemoryError | jax.errors.JaxRuntimeError) for e in _chain(error)):
+            return BUG, error  # out of host or device memory: not the checkpoint's doing
+        try:
+            evidence = damage_evidence(step_dir)
+        except Exception as probe:  # noqa: BLE001 - the storage did not answer the check
+            return (STORAGE if _io_error(probe) else BUG), probe
+        if evidence is not None:
+            return DAMAGED, UnreadableCheckpointError(directory, step, evidence)
+        return (STORAGE if _io_error(error) else BUG), error
+
+
+def _read(mngr: ocp.CheckpointManager, step_dir: epath.Path, abstract_state: Any) -> Any:
+    """Checkpoint `step_dir`, verified against the array checksums recorded with it."""
+    metadata = json.loads((step_dir / _STEP_METADATA).read_text())
+    checksums = (metadata.get("custom_metadata") or {}).get(CHECKSUMS_KEY)
+    saved = ocp.StandardCheckpointHandler().metadata(step_dir / "default")
     mismatch = _structure_mismatch(abstract_state, saved)
     if mismatch:
         raise errors.ConfigError(
-            f"checkpoint {step} in {directory} does not fit this config and code: {mismatch} "
-            "(another model or training state than this config's; not a damaged checkpoint)"
+            f"checkpoint {step_dir.name} in {step_dir.parent} does not fit this config and "
+            f"code: {mismatch} (another model or training state than this config's; not a "
+            "damaged checkpoint)"
         )
-    try:
-        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # noqa: BLE001
-        raise _read_error(directory, step, e) from e
+    state = mngr.restore(int(step_dir.name), args=ocp.args.StandardRestore(abstract_state))
     if checksums is not None:
         differ = sorted(k for k, v in state_checksums(state).items() if checksums.get(k) != v)
         if differ:
             raise UnreadableCheckpointError(
-                directory,
-                step,
+                step_dir.parent,
+                int(step_dir.name),
                 f"{len(differ)} arrays do not match the checksums recorded when it was saved "
                 f"(e.g. {differ[0]}): their bytes were changed",
             )
     return state
 
 
+def _io_error(error: BaseException) -> bool:
+    """Whether `error` is what storage raises: every exception of its chain an OSError (file
+    systems, connections, time-outs), a ValueError (TensorStore's error statuses, JSON that
+    does not parse) or orbax's bare `Exception` around one; programming errors (TypeError,
+    AttributeError, KeyError, ...) are not."""
+    return all(isinstance(e, OSError | ValueError) or type(e) is Exception for e in _chain(error))
+
+
 # The key of the per-array checksums in orbax's step metadata (`_CHECKPOINT_METADATA`).
 CHECKSUMS_KEY = "diffusion_jax_checksums"
+# The record of a checkpoint's files, in the step's folder, and the key in the step metadata
+# that says one was written (a checkpoint of an older version has neither).
+FILES_NAME, FILES_KEY = "diffusion_jax_files.json", "diffusion_jax_files"
 _STEP_METADATA = "_CHECKPOINT_METADATA"  # orbax's metadata file of a step, JSON
 _CHECKSUM_MULTIPLIER = 0x9E3779B1  # odd, so i -> i * m is a bijection of uint32
+# Files orbax writes after the recorder runs (the step metadata, rewritten with the commit
+# time and checked by parsing it; commit markers), and the record itself.
+_UNRECORDED = (_STEP_METADATA, "commit_success.txt", FILES_NAME)
+
+
+def _files(step_dir: epath.Path) -> list[tuple[str, int, int]]:
+    """(path relative to `step_dir`, size, CRC-32) of every recorded file below `step_dir`."""
+    found, folders = [], [step_dir]
+    while folders:
+        for path in folders.pop().iterdir():
+            if path.is_dir():
+                folders.append(path)
+            elif path.name not in _UNRECORDED:
+                found.append((str(path.relative_to(step_dir)), *_size_and_crc(path)))
+    return sorted(found)
+
+
+def _size_and_crc(path: epath.Path) -> tuple[int, int]:
+    size, crc = 0, 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            size, crc = size + len(chunk), zlib.crc32(chunk, crc)
+    return size, crc
+
+
+def damage_evidence(step_dir: epath.Path) -> str | None:
+    """Why the files of the checkpoint in `step_dir` are not those that were written (a few
+    words), or None when they are, or when it was written without a record of its files.
+    What the storage raises while they are read propagates (the storage did not answer)."""
+    if not step_dir.exists():  # it was listed a moment ago
+        raise FileNotFoundError(errno.ENOENT, "the checkpoint's folder is not listed", step_dir)
+    try:
+        text = (step_dir / _STEP_METADATA).read_text()
+    except FileNotFoundError:
+        return f"{_STEP_METADATA}: missing"
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"{_STEP_METADATA}: not valid JSON ({e.msg}; {len(text)} bytes)"
+    if not (metadata.get("custom_metadata") or {}).get(FILES_KEY):
+        return None  # written before files were recorded
+    try:
+        recorded = json.loads((step_dir / FILES_NAME).read_text())["files"]
+    except FileNotFoundError:
+        return f"{FILES_NAME}: missing"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"{FILES_NAME}: not valid (it was whole when written)"
+    for rel, (size, crc) in sorted(recorded.items()):
+        path = step_dir / rel
+        if not path.exists():
+            return f"{rel}: missing"
+        actual, actual_crc = _size_and_crc(path)
+        if actual != size:
+            how = "emptied" if actual == 0 else "truncated" if actual < size else "grown"
+            return f"{rel}: {how} ({actual} of {size} bytes)"
+        if actual_crc != crc:
+            return f"{rel}: its bytes differ from those written (CRC-32)"
+    return None
+
+
+def _legacy_damage(directory: epath.Path, step: int) -> bool:
+    """For a checkpoint without a record of its files, the rule from before files were
+    recorded: a read that failed on every try while every file of the step reads is damage."""
+    step_dir = directory / str(step)
+    try:
+        metadata = json.loads((step_dir / _STEP_METADATA).read_text())
+        if (metadata.get("custom_metadata") or {}).get(FILES_KEY):
+            return False
+        _files(step_dir)
+    except Exception:  # noqa: BLE001 - the storage does not answer: not damage
+        return False
+    return True
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
@@ -250,21 +432,6 @@ def state_checksums(state: Any) -> dict[str, list[int]]:
     return {_path_name(path): [int(v) for v in np.asarray(leaf)] for path, leaf in leaves}
 
 
-def _recorded_checksums(step_dir: epath.Path) -> dict[str, list[int]] | None:
-    """The checksums saved with the checkpoint in `step_dir` (None for one written before they
-    were recorded). Raises when orbax's step metadata is missing or not JSON (damaged)."""
-    text = (step_dir / _STEP_METADATA).read_text()
-    try:
-        metadata = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UnreadableCheckpointError(
-            step_dir.parent,
-            int(step_dir.name),
-            f"{step_dir.name}/{_STEP_METADATA}: not valid JSON ({e.msg}; {len(text)} bytes)",
-        ) from e
-    return (metadata.get("custom_metadata") or {}).get(CHECKSUMS_KEY)
-
-
 def _all_processes(ok: bool) -> bool:
     """True when `ok` holds on every process (a collective: every process must call it)."""
     if jax.process_count() == 1:
@@ -293,7 +460,7 @@ def restore_newest(
     damaged: list[UnreadableCheckpointError] = []
     for step in steps:
         try:
-            state = restore(mngr, step, abstract_state)
+            state = restore(mngr, step, abstract_state, log=log)
         except UnreadableCheckpointError as e:
             damaged.append(e)
             continue
@@ -407,46 +574,6 @@ def describe_error(error: BaseException, root: str | epath.Path | None = None) -
         why = f"{type(error).__name__}: {text}"
     message = where + why
     return message if len(message) <= 300 else message[:297] + "..."
-
-
-def _storage_problem(directory: epath.Path, step: int) -> str | None:
-    """Why the storage of `directory` does not answer, or None when it does: the checkpoints
-    folder lists, and every folder of checkpoint `step` lists and every file in it opens and
-    reads. Files or folders of the step that are gone are damage, not a storage problem."""
-    try:
-        list(directory.iterdir())
-    except Exception as e:  # noqa: BLE001 - whatever the store raises, it did not answer
-        return f"cannot list {directory}: {type(e).__name__}: {_error_text(e)}"
-    folders = [directory / str(step)]
-    try:
-        while folders:
-            for path in folders.pop().iterdir():
-                if path.is_dir():
-                    folders.append(path)
-                else:
-                    with path.open("rb") as f:
-                        f.read(1)
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # noqa: BLE001
-        return f"cannot read {directory / str(step)}: {type(e).__name__}: {_error_text(e)}"
-    return None
-
-
-def _read_error(directory: epath.Path, step: int, error: Exception) -> CheckpointError:
-    """What a failed read of checkpoint `step` means, decided from the storage: damaged
-    (UnreadableCheckpointError, readers fall back) while the storage answers, else a
-    CheckpointError that changes nothing. Running out of host or device memory is neither:
-    it is raised as it is."""
-    if any(isinstance(e, MemoryError | jax.errors.JaxRuntimeError) for e in _chain(error)):
-        raise error
-    problem = _storage_problem(directory, step)
-    if problem is None:
-        return UnreadableCheckpointError(directory, step, describe_error(error, directory))
-    return CheckpointError(
-        f"could not read checkpoint {step} in {directory}: {problem}; nothing was changed "
-        "(is the storage reachable and readable?): rerun once it is"
-    )
 
 
 def _path_name(path) -> str:

@@ -747,7 +747,7 @@ def write_workdir(
     from diffusion_jax import checkpoint
 
     merged = merge_imported_config(config, model_config)
-    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), async_save=False)
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
     try:
         if mngr.latest_step() is not None:
             raise errors.InputError(

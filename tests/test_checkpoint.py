@@ -168,15 +168,14 @@ def test_checksums_are_exact_integer_sums_of_the_bits():
     assert swapped != ordered
 
 
-def test_storage_that_does_not_answer_changes_nothing(workdir, monkeypatch):
+def test_storage_that_does_not_answer_changes_nothing(workdir, quick_retries, monkeypatch):
     """A read that fails while the checkpoints folder cannot be listed (an unreachable
-    bucket, an unmounted disk) is not damage: one CheckpointError that says so, nothing moved,
-    no fallback to an older checkpoint."""
-    damage(workdir, 6, "data truncated")  # the read fails ...
+    bucket, an unmounted disk) is not damage: one CheckpointError that says so, nothing
+    moved, no fallback to an older checkpoint."""
     before = listing(workdir / "checkpoints")
     real_iterdir = type(checkpoint.checkpoints_dir(workdir)).iterdir
 
-    def unreachable(self):  # ... and the storage stops answering
+    def unreachable(self):  # the storage stops answering
         if "checkpoints" in str(self):
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
         return real_iterdir(self)
@@ -191,6 +190,7 @@ def test_storage_that_does_not_answer_changes_nothing(workdir, monkeypatch):
     assert (
         message.startswith("could not read checkpoint 6 in ") and "nothing was changed" in message
     )
+    assert "the storage did not answer in 5 tries" in message
     assert "Input/output error" in message and "\n" not in message
     monkeypatch.undo()
     assert listing(workdir / "checkpoints") == before
@@ -254,7 +254,7 @@ def test_training_resumes_from_the_newest_readable_checkpoint(workdir, trained, 
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "Event loop is closed" not in out + err
     (line,) = [line for line in (out + err).splitlines() if "unreadable" in line]
-    assert line.startswith("Checkpoint 6 in ") and "is unreadable: array " in line
+    assert line.startswith("Checkpoint 6 in ") and "is unreadable: default/" in line
     assert "truncated (1000 of " in line and "using step 4" in line
     assert "Resumed from" in out and "at step 4." in out
     (moved,) = (workdir / "checkpoints").glob("6.damaged-*")
@@ -272,7 +272,7 @@ def test_no_readable_checkpoint_is_one_error_and_changes_nothing(workdir, capfd)
         train.train_and_evaluate(config(8), str(workdir))
     message = str(info.value)
     assert "\n" not in message and message.startswith("no readable checkpoint in ")
-    assert all(f"step {s}: array " in message for s in (2, 4, 6))
+    assert all(f"step {s}: default/" in message for s in (2, 4, 6))
     assert "truncated" in message and "move these step folders out of the way" in message
     assert listing(workdir / "checkpoints") == before
     out, err = capfd.readouterr()
@@ -418,3 +418,179 @@ def test_config_json_is_whole_after_a_failed_write(tmp_path, monkeypatch):
         checkpoint.write_config(tmp_path, config(8))
     monkeypatch.undo()
     assert checkpoint.config_path(tmp_path).read_text() == before
+
+
+# Faults at the library boundary while every file of the checkpoint is as written: a storage
+# that does not answer for a moment (a blip), one that stays away (a blip that lasts), and
+# programming errors. Each is injected where the world raises it: orbax's restore, TensorStore's
+# open, the file system's reads.
+
+UNAVAILABLE = "UNAVAILABLE: Connection reset by peer; retry later"
+BOUNDARY = {
+    "orbax restore": (lambda: checkpoint.ocp.CheckpointManager, "restore"),
+    "tensorstore open": (lambda: __import__("tensorstore"), "open"),
+    "file read": (lambda: type(checkpoint.epath.Path("/")), "read_text"),
+}
+STORAGE_ERRORS = {
+    "orbax restore": ValueError(UNAVAILABLE),
+    "tensorstore open": ValueError(UNAVAILABLE),
+    "file read": OSError(errno.EIO, os.strerror(errno.EIO)),
+}
+
+
+def inject(monkeypatch, where, error, times):
+    """Makes the `where` call raise `error` for its first `times` calls (None: every call)."""
+    owner, name = BOUNDARY[where][0](), BOUNDARY[where][1]
+    real, calls = getattr(owner, name), []
+
+    def failing(*args, **kwargs):
+        if where == "file read" and "/checkpoints/6/default/" not in str(args[0]):
+            return real(*args, **kwargs)  # the files that only a restore of 6 reads
+        calls.append(1)
+        if times is None or len(calls) <= times:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+    return calls
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(checkpoint, "READ_RETRY_DELAYS_S", (0.01, 0.01, 0.01, 0.01))
+
+
+@pytest.mark.parametrize("where", sorted(BOUNDARY))
+def test_a_storage_blip_is_retried_not_damage(where, workdir, trained, quick_retries, monkeypatch):
+    """The first read fails as a storage that did not answer for a moment: training resumes
+    from the newest checkpoint, bit-identical, nothing renamed, one retry line."""
+    before = listing(workdir / "checkpoints")
+    inject(monkeypatch, where, STORAGE_ERRORS[where], times=1)
+    step, state, lines = resume(workdir)
+    monkeypatch.undo()
+    assert step == 6
+    tree_allclose(state, restore_state(config(8), trained, 6), atol=0)
+    (line,) = lines
+    assert line.startswith("Reading checkpoint 6 in ") and "try 2 of 5 in 0.01 s" in line
+    assert listing(workdir / "checkpoints") == before
+
+
+@pytest.mark.parametrize("where", sorted(BOUNDARY))
+def test_a_blip_that_lasts_stops_in_one_line_and_changes_nothing(
+    where, workdir, quick_retries, monkeypatch
+):
+    before = listing(workdir / "checkpoints")
+    inject(monkeypatch, where, STORAGE_ERRORS[where], times=None)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        resume(workdir)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert not isinstance(info.value, checkpoint.UnreadableCheckpointError)
+    assert message.startswith("could not read checkpoint 6 in ") and "\n" not in message
+    assert "the storage did not answer in 5 tries" in message
+    assert "nothing was changed" in message
+    assert listing(workdir / "checkpoints") == before
+
+
+@pytest.mark.parametrize("error", [TypeError("unexpected keyword"), AttributeError("no attr")])
+@pytest.mark.parametrize("where", ["orbax restore", "tensorstore open"])
+def test_a_bug_in_the_read_keeps_its_traceback(where, error, workdir, monkeypatch):
+    """A programming error (a version mismatch, a bug) is raised as it is, on the first try,
+    and no intact checkpoint is renamed."""
+    before = listing(workdir / "checkpoints")
+    calls = inject(monkeypatch, where, error, times=None)
+    with pytest.raises(type(error)):
+        resume(workdir)
+    monkeypatch.undo()
+    assert len(calls) >= 1 and listing(workdir / "checkpoints") == before
+
+
+def test_damage_is_decided_from_the_files_not_the_error(workdir, trained, monkeypatch):
+    """A damaged checkpoint is damaged whatever its read raises, a bug's exception type
+    included: the files say so, and the line names the file."""
+    damaged = damage(workdir, 6, "data truncated")
+    inject(monkeypatch, "orbax restore", TypeError("unexpected keyword"), times=1)  # of 6
+    step, state, lines = resume(workdir)
+    monkeypatch.undo()
+    assert_fell_back(workdir, trained, damaged, step, state, lines)
+    (line,) = [line for line in lines if line.startswith("Checkpoint 6")]
+    assert "is unreadable: default/ocdbt.process_0/d/" in line and ": truncated (" in line
+
+
+def strip_file_record(step_dir):
+    """Makes `step_dir` a checkpoint as versions before the file record wrote it."""
+    import json
+
+    (step_dir / checkpoint.FILES_NAME).unlink()
+    path = step_dir / "_CHECKPOINT_METADATA"
+    metadata = json.loads(path.read_text())
+    del metadata["custom_metadata"][checkpoint.FILES_KEY]
+    path.write_text(json.dumps(metadata))
+
+
+def test_checkpoints_without_a_file_record_restore_and_fall_back(
+    workdir, trained, quick_retries, monkeypatch
+):
+    """Checkpoints of an older version: intact ones restore (after a blip too); a damaged one
+    is judged by the old rule after every retry failed (its files all read: damage)."""
+    for step in (4, 6):
+        strip_file_record(workdir / "checkpoints" / str(step))
+    inject(monkeypatch, "orbax restore", ValueError(UNAVAILABLE), times=1)
+    step, state, _ = resume(workdir)
+    monkeypatch.undo()
+    assert step == 6
+    tree_allclose(state, restore_state(config(8), trained, 6), atol=0)
+    damaged = damage(workdir, 6, "data truncated")
+    step, state, lines = resume(workdir)
+    assert_fell_back(workdir, trained, damaged, step, state, lines)
+    assert sum("try 5 of 5" in line for line in lines) == 1
+
+
+def checkpoint_listing(workdir):
+    return listing(Path(workdir) / "checkpoints")
+
+
+FAULT_PRELUDE = """
+import orbax.checkpoint as ocp
+from diffusion_jax import checkpoint
+checkpoint.READ_RETRY_DELAYS_S = (0.1, 0.1, 0.1, 0.1)
+_real, _calls = ocp.CheckpointManager.restore, []
+
+def _failing(*args, **kwargs):
+    _calls.append(1)
+    if {times} is None or len(_calls) <= {times}:
+        raise {error}
+    return _real(*args, **kwargs)
+
+ocp.CheckpointManager.restore = _failing
+"""
+
+
+@pytest.mark.slow
+def test_cli_storage_blips_and_bugs(workdir):
+    """Through `python -m diffusion_jax.main`: a blip on the first read resumes at the newest
+    step (status 0); a blip that lasts is one line and status 1; a TypeError is a traceback.
+    Neither of the failures renames anything."""
+    before = checkpoint_listing(workdir)
+    for times, error, status in [
+        ("None", f"ValueError({UNAVAILABLE!r})", 1),
+        ("None", "TypeError('restore() got an unexpected keyword argument')", 1),
+    ]:
+        code, out = cli(workdir, prelude=FAULT_PRELUDE.format(times=times, error=error))
+        assert code == status, out
+        assert checkpoint_listing(workdir) == before
+        if error.startswith("TypeError"):
+            assert "Traceback" in out and "TypeError: restore() got an unexpected" in out
+        else:
+            assert "Traceback" not in out and len(out.splitlines()) < 20, out
+            (line,) = [line for line in out.splitlines() if line.startswith("error:")]
+            assert "could not read checkpoint 6" in line and "did not answer in 5 tries" in line
+            assert "nothing was changed" in line
+    code, out = cli(
+        workdir, prelude=FAULT_PRELUDE.format(times=1, error=f"ValueError({UNAVAILABLE!r})")
+    )
+    assert code == 0, out
+    assert "Traceback" not in out and "Resumed from" in out and "at step 6." in out
+    assert "try 2 of 5" in out and "unreadable" not in out
+    assert checkpoint.checkpoint_steps(workdir) == [4, 6, 8]
+    assert not list((workdir / "checkpoints").glob("*.damaged-*"))

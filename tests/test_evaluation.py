@@ -113,7 +113,7 @@ def trained(tmp_path_factory):
     config = tiny_config()
     workdir = tmp_path_factory.mktemp("trained")
     _, _, abstract = state_lib.abstract_train_state(config, distributed.make_mesh())
-    mngr = checkpoint.manager(workdir / "checkpoints", async_save=False)
+    mngr = checkpoint.manager(workdir / "checkpoints")
     for step in (1, 2, 3):
         state = convert.train_state_from_params(config, random_params(abstract.params, step))
         checkpoint.save(mngr, step, state.replace(step=np.int32(step)))
