@@ -91,6 +91,14 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
+def call_length(step: int, per_call: int, total: int, round_end: int = 0) -> int:
+    """The updates of the call after `step`: `per_call`, fewer where `total` or a multiple of
+    `round_end` (> 0) comes first, so a distillation's round ends (saved, and kept by
+    `keep_period`) fall between calls. A shorter call compiles a second program once."""
+    k = min(per_call, total - step)
+    return min(k, round_end - step % round_end) if round_end > 0 else k
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
     """Trains `config` in `workdir` (local or gs://), resuming from its newest readable
     checkpoint (an unreadable newer one is reported and moved aside, never deleted). A config
@@ -108,8 +116,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     config_checks.validate_config(config, "distill" if rounds else "train")
     workdir = epath.Path(workdir)
     checkpoint.check_compatible(workdir, config)
-    if rounds:
-        distill.teacher_config(config)
+    if rounds and not checkpoint.checkpoint_steps(workdir):  # a resumed run's checkpoint
+        distill.teacher_config(config)  # holds its teacher: only a fresh start reads this one
     mesh = distributed.make_mesh()
     is_chief = jax.process_index() == 0
     if is_chief:
@@ -182,7 +190,7 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     input_s = 0.0  # host time spent waiting for batches since the last log line
     stop = False
     while step < total:
-        k = min(per_call, total - step)
+        k = call_length(step, per_call, total, round_end)
         wait = time.perf_counter()
         local = [next(data) for _ in range(k)]
         input_s += time.perf_counter() - wait

@@ -1,10 +1,12 @@
 """Progressive distillation: the two-step DDIM target against float64, a student of an exact
 Gaussian teacher learns the exact one-step map, a run resumes bit-identically across a round
-boundary, and a student's workdir samples and evaluates with its own step count."""
+boundary without its teacher's workdir, every round's last student is kept whatever the
+updates per call, and a student's workdir samples and evaluates with its own step count."""
 
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import pytest
 from conftest import REPO, restore_state, tiny_mlp_config, tree_allclose
 
 from configs import digits_distill, swissroll
-from diffusion_jax import config_checks, distill, errors, sample, train
+from diffusion_jax import checkpoint, config_checks, distill, errors, sample, train
 from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import job
 from diffusion_jax.sampling import registry, run, schedule
@@ -234,18 +236,44 @@ def student(teacher, tmp_path_factory):
     return workdir
 
 
-def test_a_round_resumes_bit_identically(teacher, student, tmp_path):
-    config = _student_config(teacher, **{"training.num_train_steps": 4})  # stops inside round 1
-    train.train_and_evaluate(config, str(tmp_path))
+def test_a_round_resumes_bit_identically_without_the_teachers_workdir(teacher, student, tmp_path):
+    """The checkpoint holds the round's teacher: the resumed run never reads its workdir."""
+    copy = shutil.copytree(teacher, tmp_path / "teacher")
+    config = _student_config(copy, **{"training.num_train_steps": 4})  # stops inside round 1
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    shutil.rmtree(copy)
     config.training.num_train_steps = 0
-    train.train_and_evaluate(config, str(tmp_path))  # resumes from step 4
+    train.train_and_evaluate(config, str(tmp_path / "run"))  # resumes from step 4
     a = restore_state(config, student, 6)
-    b = restore_state(config, tmp_path, 6)
+    b = restore_state(config, tmp_path / "run", 6)
     assert isinstance(b, state_lib.DistillState)
     tree_allclose(a, b, atol=0)
     # round 1 started from round 0's last EMA, as student and teacher
     end_of_round_0 = restore_state(config, student, 3)
     tree_allclose(b.teacher_params, end_of_round_0.ema_params, atol=0)
+
+
+def test_every_rounds_last_student_is_kept_when_calls_do_not_divide_a_round(teacher, tmp_path):
+    """4 updates a call, 21 a round, keep 1: a call stops at each round end, so checkpoints 21,
+    42 and 63 hold the rounds' last students and orbax's keep_period keeps them."""
+    config = _student_config(
+        teacher,
+        **{
+            "distill.end_steps": 2,  # three rounds: the fine-tune, 4 steps, 2 steps
+            "distill.steps_per_round": 21,
+            "training.steps_per_call": 4,
+            "training.keep": 1,
+            "training.checkpoint_every": 10,
+            "training.log_every": 10,
+        },
+    )
+    train.train_and_evaluate(config, str(tmp_path))
+    assert checkpoint.checkpoint_steps(tmp_path) == [21, 42, 63]
+    saved = {s: restore_state(config, tmp_path, s) for s in (21, 42, 63)}
+    assert {s: int(state.step) for s, state in saved.items()} == {21: 21, 42: 42, 63: 63}
+    # each round's teacher is the saved last student (EMA) of the round before
+    tree_allclose(saved[42].teacher_params, saved[21].ema_params, atol=0)
+    tree_allclose(saved[63].teacher_params, saved[42].ema_params, atol=0)
 
 
 @pytest.mark.slow
