@@ -8,16 +8,21 @@ inputs (ShapeDtypeStructs): nothing is allocated and no parameter is initialised
 
 - 'train': `train_step.compile_train_fn` at `training.batch_size` and `training.steps_per_call`
   (for a distillation config, `distill.compile_distill_fn`: the step of `--mode distill`);
+- 'preview': the training previews' sampler (`train.preview_sampler`) at
+  `sampling.preview_num`, counting the train state that stays on the devices while it runs
+  (`build_programs`), so that its `fits` means it fits during training; only when
+  `training.sample_every` > 0 (a run draws no previews otherwise);
 - 'sample': `generation.make_sampler` at `sampling.batch_size` (the whole chain or solver);
 - 'bpd', 'ode_bpd': the evaluation's likelihood programs at `eval.batch_size`;
 - 'inception': the FID Inception forward at `eval.batch_size` (image data only), on one
   host's devices as the evaluation job runs it.
 
-Per program and per device: argument, temporary, output and code bytes against the chip's
-HBM (`memory_analysis`), FLOPs and bytes accessed (`cost_analysis`), the compiler's cost-model
-time per call (`optimal_seconds`, an ESTIMATE, not a measurement), the rate it implies, the
-MFU it implies against the chip's bf16 peak, and the cross-host collectives. A program that
-does not fit exits 1 naming it.
+Per program and per device: argument, temporary, output and code bytes (`memory_analysis`)
+and the bytes resident beside the program (the preview's train state) against the chip's
+HBM, FLOPs and bytes accessed (`cost_analysis`, times `loop_factor`), the compiler's
+cost-model time per call (`optimal_seconds`, an ESTIMATE, not a measurement), the rate it
+implies, the MFU it implies against the chip's bf16 peak, and the cross-host collectives. A
+program that does not fit exits 1 naming it.
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ CHIPS = {
     "TPU v6 lite": Chip(32 * GiB, 918e12),
 }
 
-PROGRAMS = ("train", "sample", "bpd", "ode_bpd", "inception")
+PROGRAMS = ("train", "preview", "sample", "bpd", "ode_bpd", "inception")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -165,6 +170,7 @@ class Program:
     units: int  # steps, samples or images per call
     unit: str  # what `units` counts
     mesh: Mesh
+    resident: int = 0  # bytes per device on the devices beside it (the preview's train state)
 
 
 def _abstract(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
@@ -175,10 +181,29 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-int(n) // multiple) * multiple
 
 
+def device_bytes(tree: Any) -> int:
+    """Bytes per device of the arrays (ShapeDtypeStructs with shardings) in `tree`: each
+    leaf's shard shape times its item size."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
+
+
 def build_programs(
     config: ml_collections.ConfigDict, topo: Topology, names: tuple[str, ...] = PROGRAMS
 ) -> list[Program]:
-    """The jitted functions a run of `config` calls, with abstract inputs for `topo`."""
+    """The jitted functions a run of `config` calls, with abstract inputs for `topo`.
+
+    'preview' is the sampler a training run builds for its first preview (`train.
+    preview_sampler` after `training.sample_every` steps rounded up to a whole call of
+    `training.steps_per_call`; a distillation's is that round's student), drawing
+    `sampling.preview_num` samples from the EMA parameters. The run keeps its whole train
+    state on the devices meanwhile: the parameters, the Adam moments, the loss history, and
+    a distillation's teacher (`state.DistillState`: five parameter-sized copies with the
+    EMA). Its `resident` bytes are those of the train state per device (`device_bytes`)
+    less the EMA parameters, which are its argument and counted as such: the row's peak is
+    the sampler's own plus that state."""
     mesh = topo.mesh()
     repl = distributed.replicated(mesh)
     sharded = distributed.batch_sharded(mesh)
@@ -202,6 +227,17 @@ def build_programs(
             diffusion = schedules.diffusion_from_config(config.diffusion)
             fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
         programs.append(Program("train", fn, (state, batches), k, "steps", mesh))
+    if "preview" in names and int(config.training.sample_every) > 0:
+        from diffusion_jax import train
+
+        rounds = distill.plan(config) if state_lib.distilling(config) else None
+        per_call = int(config.training.steps_per_call)
+        step = min(_round_up(config.training.sample_every, per_call), distill.final_step(config))
+        fn = train.preview_sampler(config, apply, mesh, rounds, step)
+        b = int(config.sampling.preview_num)
+        args = (state.ema_params, key, _abstract((b,), np.int32, sharded))
+        resident = device_bytes(state) - device_bytes(state.ema_params)
+        programs.append(Program("preview", fn, args, b, "samples", mesh, resident))
     if "sample" in names:
         b = int(config.sampling.batch_size)
         fn = generation.make_sampler(config, apply, mesh, b, config.sampling.respacing)
@@ -304,19 +340,76 @@ _CALLEE = re.compile(
     r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
     r"|branch_computations=\{([^}]*)\}"
 )
-_PRODUCT = re.compile(r" (convolution|dot)\(")
+_PRODUCT = re.compile(r"= (\w+\[[\d,]*\])\S* (convolution|dot)\((.*)$")
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])")
+_OPERAND = re.compile(r"(?:(\w+\[[\d,]*\])\S*\s+)?%([\w.\-]+)")
 
 
-def loop_factor(hlo: str) -> float:
-    """How many times more often a compiled program's convolutions and matrix products run
-    per call than they appear in its HLO, where XLA's cost analysis counts each once. A
-    `while` body runs as often as XLA's `known_trip_count` says, else as its condition
-    allows (a scan's counter runs from 0 to the constant it is compared with); nested loops
-    multiply. Small loops without such products (e.g. `searchsorted`'s binary search) weigh
-    nothing. The cost analysis' totals times this factor are the per-call cost, the
-    elementwise work outside the loops counted that many times too (an overestimate by that
-    work's small share)."""
+def _dims(shape: str) -> list[int]:
+    """[8, 4] of 'f32[8,4]'."""
+    return [int(d) for d in shape[shape.index("[") + 1 : -1].split(",") if d]
+
+
+def _attribute(line: str, name: str, default: str = "") -> str:
+    m = re.search(rf"\b{name}=(\{{[^}}]*\}}|[^,\s]+)", line)
+    return m.group(1).strip("{}") if m else default
+
+
+def _valid_positions(kernel: int, out: int, lhs: int, window: list[int]) -> int:
+    """The (kernel, output) position pairs of one spatial dimension that read an input element
+    rather than padding or a dilation hole; `window` = [stride, low padding, lhs dilation, rhs
+    dilation] (XLA's `HloCostAnalysis::GetConvolutionFlops`)."""
+    stride, pad, base, dilate = window
+    index = np.arange(out)[None, :] * stride - pad + np.arange(kernel)[:, None] * dilate
+    return int(((index % base == 0) & (index >= 0) & (index // base < lhs)).sum())
+
+
+def product_flops(line: str, shapes: dict[str, str]) -> int:
+    """FLOPs of one HLO `dot` or `convolution` instruction as XLA's cost analysis counts them
+    (2 per multiply-add), 0 for any other line. A dot: 2 x the result's elements x the sizes
+    of the left operand's contracting dimensions. A convolution: 2 x input features per
+    group x output features x batch per batch group x the (kernel, output) position pairs of
+    each spatial dimension that read an input element (`dim_labels`, `window`: padding and
+    dilation holes read nothing). Operand shapes come from the line or, by name, `shapes`."""
+    m = _PRODUCT.search(line)
+    if not m:
+        return 0
+    result, op, rest = _dims(m.group(1)), m.group(2), m.group(3)
+    lhs, rhs = (_dims(shape or shapes[name]) for shape, name in _OPERAND.findall(rest)[:2])
+    if op == "dot":
+        contracting = [int(d) for d in _attribute(line, "lhs_contracting_dims").split(",") if d]
+        return 2 * math.prod(result) * math.prod(lhs[d] for d in contracting)
+    lhs_labels, rhs_labels, out_labels = re.split(r"_|->", _attribute(line, "dim_labels"))
+    window = dict(item.split("=") for item in _attribute(line, "window").split())
+    n = len(lhs_labels) - 2  # spatial dimensions, labelled 0..n-1
+    # Per dimension: stride, low padding ('pad=1_2x0_0' is low_high), lhs and rhs dilation.
+    knobs = [
+        [int(v.split("_")[0]) for v in window[key].split("x")] if key in window else [value] * n
+        for key, value in {"stride": 1, "pad": 0, "lhs_dilate": 1, "rhs_dilate": 1}.items()
+    ]
+    positions = math.prod(
+        _valid_positions(
+            rhs[rhs_labels.index(str(d))],
+            result[out_labels.index(str(d))],
+            lhs[lhs_labels.index(str(d))],
+            [k[d] for k in knobs],
+        )
+        for d in range(n)
+    )
+    groups = int(_attribute(line, "feature_group_count", "1"))
+    batch_groups = int(_attribute(line, "batch_group_count", "1"))
+    features = lhs[lhs_labels.index("f")] // groups * result[out_labels.index("f")]
+    return 2 * features * (lhs[lhs_labels.index("b")] // batch_groups) * positions
+
+
+def program_flops(hlo: str) -> tuple[int, int]:
+    """(per call, each once): the FLOPs of a compiled program's convolutions and matrix
+    products (`product_flops`), each times how often it runs per call, and each counted once
+    as XLA's cost analysis counts a loop body. A `while` body runs as often as XLA's
+    `known_trip_count` says, else as its condition allows (a scan's counter runs from 0 to
+    the constant it is compared with); nested loops multiply."""
     body: dict[str, list[str]] = {}
+    shapes: dict[str, dict[str, str]] = {}  # computation -> value name -> 'f32[8,4]'
     # computation -> [(callee, None | a while's trip count or condition computation)]
     calls: dict[str, list[tuple[str, str | None]]] = {}
     entry, current = None, None
@@ -324,12 +417,15 @@ def loop_factor(hlo: str) -> float:
         m = _COMPUTATION.match(line)
         if m and not line.startswith(" "):
             current = m.group(1)
-            body[current], calls[current] = [], []
+            body[current], calls[current], shapes[current] = [], [], {}
             entry = current if line.startswith("ENTRY") else entry
             continue
         if current is None:
             continue
         body[current].append(line)
+        d = _DEFINITION.match(line)
+        if d:
+            shapes[current][d.group(1)] = d.group(2)
         loop = re.search(r" while\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)", line)
         if loop:
             known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
@@ -349,16 +445,26 @@ def loop_factor(hlo: str) -> float:
         return int(bound[0]) if bound and "direction=LT" in text else 1
 
     @functools.cache
-    def products(name: str, executed: bool) -> int:  # HLO's call graph has no cycles
-        own = sum(1 for line in body.get(name, []) if _PRODUCT.search(line))
+    def flops(name: str, executed: bool) -> int:  # HLO's call graph has no cycles
+        own = sum(product_flops(line, shapes.get(name, {})) for line in body.get(name, []))
         return own + sum(
-            (trips(cond) if cond and executed else 1) * products(callee, executed)
+            (trips(cond) if cond and executed else 1) * flops(callee, executed)
             for callee, cond in calls.get(name, [])
         )
 
-    if entry is None or products(entry, False) == 0:
-        return 1.0
-    return products(entry, True) / products(entry, False)
+    return (flops(entry, True), flops(entry, False)) if entry else (0, 0)
+
+
+def loop_factor(hlo: str) -> float:
+    """Per-call over counted-once FLOPs of a compiled program's products (`program_flops`;
+    1 without products): a product in a 100-step scan weighs 100 times its FLOPs, one
+    outside every loop its FLOPs once, and loops without products (e.g. `searchsorted`'s
+    binary search) nothing. XLA's cost analysis counts each loop body once; its totals times
+    this factor are the per-call cost, exact for the products' FLOPs. Elementwise work and
+    bytes are scaled by the products' factor too (off by their share where they are not
+    spread over the loops as the products are)."""
+    per_call, once = program_flops(hlo)
+    return per_call / once if once else 1.0
 
 
 def largest_buffers(hlo: str, top: int = 3) -> list[tuple[str, int]]:
@@ -398,7 +504,7 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
     argument, temp = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
     output, code = int(mem.output_size_in_bytes), int(mem.generated_code_size_in_bytes)
     alias = int(getattr(mem, "alias_size_in_bytes", 0))
-    peak = argument + output - alias + temp + code
+    peak = argument + output - alias + temp + code + program.resident
     hlo = compiled.as_text()
     factor = loop_factor(hlo)  # the cost analysis counts a loop body once
     estimate = estimated_seconds(cost.get("optimal_seconds"), factor)
@@ -413,6 +519,7 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
         "output_bytes": output,
         "alias_bytes": alias,
         "code_bytes": code,
+        "resident_bytes": program.resident,
         "peak_bytes": peak,
         "hbm_bytes": topo.hbm_bytes,
         "fits": peak <= topo.hbm_bytes,
@@ -445,7 +552,8 @@ def estimated_seconds(optimal_seconds: float | None, factor: float) -> float | N
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'program':<10} {'args':>7} {'temp':>7} {'out':>7} {'code':>6} {'peak/HBM':>14} "
+        f"{'program':<10} {'args':>7} {'temp':>7} {'out':>7} {'code':>6} {'resid.':>7} "
+        f"{'peak/HBM':>14} "
         f"{'GFLOP':>9} {'GB acc.':>8} {'est. s/call':>11} {'est. rate':>20} {'est. MFU':>8} "
         f"{'x-host coll.':>14} {'compile':>8}"
     )
@@ -462,6 +570,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['program']:<10} {r['argument_bytes'] / GiB:>6.2f}G {r['temp_bytes'] / GiB:>6.2f}G "
             f"{r['output_bytes'] / GiB:>6.2f}G {r['code_bytes'] / 2**20:>5.1f}M "
+            f"{r['resident_bytes'] / GiB:>6.2f}G "
             f"{r['peak_bytes'] / GiB:>6.2f}/{r['hbm_bytes'] / GiB:<4.0f}GiB"
             f"{'' if r['fits'] else '!'} {r['flops'] / 1e9:>9.1f} "
             f"{r['bytes_accessed'] / 1e9:>8.2f} {estimate} "
@@ -514,11 +623,12 @@ def run(
     if too_big:
         r = too_big[0]
         largest = ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in r["largest_buffers"])
+        state = r["resident_bytes"] / GiB
         raise errors.UserError(
             f"{r['program']} does not fit {r['topology']}: {r['peak_bytes'] / GiB:.2f} GiB per "
             f"device (arguments {r['argument_bytes'] / GiB:.2f}, temporaries "
-            f"{r['temp_bytes'] / GiB:.2f}) > {r['hbm_bytes'] / GiB:.0f} GiB HBM; largest "
-            f"buffers: {largest}"
+            f"{r['temp_bytes'] / GiB:.2f}{f', resident train state {state:.2f}' if state else ''}"
+            f") > {r['hbm_bytes'] / GiB:.0f} GiB HBM; largest buffers: {largest}"
         )
     return rows
 

@@ -11,12 +11,15 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from diffusion_jax import (
     checkpoint,
@@ -150,16 +153,9 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     previews = {}  # by sampler steps: a distillation's students sample with their own
 
     def preview(step: int):
-        config_at = _sampling_at(config, rounds, step)
-        n = config_at.sampling.num_steps
+        n = _sampling_at(config, rounds, step).sampling.num_steps
         if n not in previews:  # every process takes part in the sharded sampler
-            previews[n] = generation.make_sampler(
-                config_at,
-                apply,
-                mesh,
-                config.sampling.preview_num,
-                "" if rounds else config.sampling.preview_respacing,  # students: their grid
-            )
+            previews[n] = preview_sampler(config, apply, mesh, rounds, step)
         return previews[n]
 
     total = distill.final_step(config)
@@ -267,6 +263,25 @@ def _sampling_at(
     config = config.copy_and_resolve_references()
     config.sampling.num_steps = rounds.student_steps(rounds.round_of(step))
     return config
+
+
+def preview_sampler(
+    config: ml_collections.ConfigDict,
+    apply: Callable[..., jax.Array],
+    mesh: Mesh,
+    rounds: distill.Plan | None,
+    step: int,
+) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
+    """The jitted sampler of the training preview after `step` updates: `sampling.
+    preview_num` samples with `sampling.preview_respacing`, or for a distillation with the
+    steps of that round's student on its own grid (`_sampling_at`)."""
+    return generation.make_sampler(
+        _sampling_at(config, rounds, step),
+        apply,
+        mesh,
+        config.sampling.preview_num,
+        "" if rounds else config.sampling.preview_respacing,  # students: their grid
+    )
 
 
 def _final_report(config, apply, mesh, state, workdir: epath.Path) -> None:

@@ -7,15 +7,19 @@ and are skipped with that reason elsewhere; the parsing and error tests run ever
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
+from configs import digits_distill
 from diffusion_jax import aot, errors
 from diffusion_jax import state as state_lib
 
@@ -48,9 +52,11 @@ KEYS = {
 PROGRAMS = ("train", "sample", "bpd")
 
 
-def _config(batch: int):
-    """The tiny U-Net (one resolution) at `batch` for every program: compiles in seconds."""
-    config = tiny_config()
+def _config(batch: int, config=None):
+    """The tiny U-Net (one resolution) at `batch` for every program: compiles in seconds;
+    `config`: another digits config to shrink so (a distillation's)."""
+    config = tiny_config() if config is None else config
+    config.model.ch, config.model.num_groups = 8, 4
     config.model.ch_mult = (1,)
     config.model.attn_resolutions = (8,)
     config.training.batch_size = config.sampling.batch_size = config.eval.batch_size = batch
@@ -112,6 +118,65 @@ def test_a_v3_32_of_four_hosts_runs_the_v3_8_program_only_wider(v3_8):
     params = sum(4 * x.size for x in jax.tree.leaves(shapes))
     assert train["collectives"]["ops"] == {"all-reduce": 1}
     assert train["collectives"]["cross_host_bytes"] == pytest.approx(params, rel=0.05)
+
+
+def _preview_config(distilling: bool):
+    """Previews of 8 samples every 3 steps: a 10-step respaced chain, or for a distillation
+    (16 -> 4 steps, 2 updates a round, an eps teacher: round 0 fine-tunes) DDIM with round
+    1's student, 8 steps, at step 3."""
+    config = _config(16, digits_distill.get_config() if distilling else None)
+    config.training.sample_every, config.training.steps_per_call = 3, 1
+    config.sampling.preview_num, config.sampling.preview_respacing = 8, "10"
+    if distilling:
+        config.distill.teacher_workdir = "/nonexistent/teacher"  # aot loads no teacher
+        config.distill.start_steps, config.distill.end_steps = 16, 4
+        config.distill.steps_per_round = 2
+    return config
+
+
+@pytest.mark.parametrize("distilling", [False, True], ids=["train", "distill"])
+def test_the_preview_row_counts_the_train_state_resident_while_it_runs(devices, distilling):
+    """The preview sampler compiled as the run builds it (at `preview_num`, for a
+    distillation with the round's student steps) and, added to its own peak, the train state
+    that stays on the devices: every array of the state but the EMA parameters (its
+    argument), i.e. params, mu and nu (+ the teacher) of the parameters' size. So `fits`
+    turns false on a device that holds the sampler alone but not beside the state."""
+    config = _preview_config(distilling)
+    shapes = jax.eval_shape(lambda: state_lib.init_train_state(config)[2])
+    nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    params, ema = nbytes(shapes.params), nbytes(shapes.ema_params)
+    resident = nbytes(shapes) - ema  # replicated: each device holds all of it
+    copies = 4 if distilling else 3  # params, Adam's mu and nu (and the teacher)
+    assert resident // params == copies and resident % params < 64  # + step and counters
+
+    cpu = aot.Topology("cpu", "cpu", tuple(devices), 2**40, 1.0)
+    (program,) = aot.build_programs(config, cpu, ("preview",))
+    assert program.fn.eval_shape(*program.args)["sample"].shape == (8, 8, 8, 1)
+    compiled = program.fn.lower(*program.args).compile()
+    mem = compiled.memory_analysis()
+    own = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
+    assert ema <= mem.argument_size_in_bytes < ema + 64  # the EMA parameters, key, labels
+    # The sampler's steps: all its network calls run in the scan over them.
+    assert aot.loop_factor(compiled.as_text()) == (8 if distilling else 10)
+
+    tight = dataclasses.replace(cpu, hbm_bytes=own + resident // 2)
+    row = aot.analyse(program, tight)
+    assert row["resident_bytes"] == resident
+    assert row["peak_bytes"] == own + resident
+    assert not row["fits"]  # the sampler alone (own) would fit
+
+
+def test_no_preview_without_previews(devices):
+    config = _preview_config(False)
+    config.training.sample_every = 0
+    cpu = aot.Topology("cpu", "cpu", tuple(devices), 2**40, 1.0)
+    assert aot.build_programs(config, cpu, ("preview",)) == []
 
 
 @needs_libtpu
@@ -226,8 +291,11 @@ HLO_LOOPS = """\
   %a = s32[] add(%g, %one)
 }
 
-%fused_conv (p0: f32[2,8,8,4]) -> f32[2,8,8,4] {
-  ROOT %convolution.1 = f32[2,8,8,4]{3,2,1,0} convolution(%p0, %k), window={size=3x3}
+%fused_conv (p0: f32[2,8,8,4], p1: f32[3,3,2,4]) -> f32[2,6,6,4] {
+  %p0 = f32[2,8,8,4]{3,2,1,0} parameter(0)
+  %p1 = f32[3,3,2,4]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[2,6,6,4]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}, \
+dim_labels=b01f_01io->b01f, feature_group_count=2
 }
 
 %scan_cond (p: (s32[])) -> pred[] {
@@ -235,24 +303,169 @@ HLO_LOOPS = """\
   ROOT %lt = pred[] compare(%g, %c), direction=LT
 }
 
-%scan_body (p: (s32[])) -> (s32[]) {
-  %f = f32[2,8,8,4]{3,2,1,0} fusion(%x), kind=kOutput, calls=%fused_conv
+%scan_body (p: (s32[], f32[2,16], f32[16,4])) -> (s32[]) {
+  %y = f32[2,16]{1,0} get-tuple-element(%p), index=1
+  %w = f32[16,4]{1,0} get-tuple-element(%p), index=2
+  %f = f32[2,6,6,4]{3,2,1,0} fusion(%x, %k), kind=kOutput, calls=%fused_conv
   %d = f32[2,4]{1,0} dot(%y, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-  %w = (s32[]) while(%t), condition=%search_cond, body=%search_body
+  %w2 = (s32[]) while(%t), condition=%search_cond, body=%search_body
 }
 
-ENTRY %main (a: f32[2]) -> f32[2] {
+ENTRY %main (a: f32[64,128], b: f32[128,64]) -> f32[64,64] {
+  %a = f32[64,128]{1,0} parameter(0)
+  %b = f32[128,64]{1,0} parameter(1)
   %w1 = (s32[]) while(%t), condition=%scan_cond, body=%scan_body
-  %e = f32[2,4]{1,0} dot(%y, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %e = f32[64,64]{1,0} dot(f32[64,128]{1,0} %a, f32[128,64]{1,0} %b), \
+lhs_contracting_dims={1}, rhs_contracting_dims={0}
 }
 """
 
 
-def test_loop_factor_weighs_loops_by_their_products():
-    """Two products in a 50-step scan and one outside: 101 executed, 3 counted; the 10-step
-    loop without products inside the scan weighs nothing."""
-    assert aot.loop_factor(HLO_LOOPS) == pytest.approx(101 / 3)
+def test_loop_factor_weighs_loops_by_their_products_flops():
+    """A 50-step scan of a grouped 3x3 convolution (2 x 288 outputs x 3 x 3 x 2 input
+    features per group = 10368 FLOPs) and a 2x16 @ 16x4 product (256), and a 64x128 @ 128x64
+    product outside (2 x 64 x 64 x 128 = 1048576); the 10-step loop without products inside
+    the scan weighs nothing. Operand shapes from their definitions or the line itself."""
+    conv, small, big = 2 * 288 * 3 * 3 * 2, 2 * 2 * 4 * 16, 2 * 64 * 64 * 128
+    per_call, once = big + 50 * (conv + small), big + conv + small
+    assert aot.loop_factor(HLO_LOOPS) == pytest.approx(per_call / once)  # counting: 101 / 3
+    assert aot.program_flops(HLO_LOOPS) == (per_call, once)
     assert aot.loop_factor("ENTRY %main (a: f32[2]) -> f32[2] {\n  %x = f32[2] add(%a, %a)\n}") == 1
+
+
+def _conv(x, k, **kw):
+    return jax.lax.conv_general_dilated(x, k, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+
+
+def _grad_kernel(k, x):
+    return jax.grad(lambda k: _conv(x, k, window_strides=(1, 1), padding="SAME").sum())(k)
+
+
+PRODUCTS = {  # name: (function, argument shapes)
+    "matmul": (jnp.matmul, [(512, 512), (512, 512)]),
+    "matmul 7x13x5": (jnp.matmul, [(7, 13), (13, 5)]),
+    "matvec": (jnp.matmul, [(8, 16), (16,)]),
+    "batched dot": (lambda x, y: jnp.einsum("bij,bjk->bik", x, y), [(4, 8, 16), (4, 16, 5)]),
+    "two batch dims": (
+        lambda x, y: jnp.einsum("abij,bjk->bika", x, y),
+        [(3, 4, 8, 16), (4, 16, 5)],
+    ),
+    "conv same": (
+        lambda x, k: _conv(x, k, window_strides=(1, 1), padding="SAME"),
+        [(2, 16, 12, 6), (3, 3, 6, 12)],
+    ),
+    "conv stride 2": (
+        lambda x, k: _conv(x, k, window_strides=(2, 2), padding="SAME"),
+        [(2, 16, 12, 6), (3, 3, 6, 12)],
+    ),
+    "conv valid": (
+        lambda x, k: _conv(x, k, window_strides=(1, 1), padding="VALID"),
+        [(2, 16, 12, 6), (3, 3, 6, 12)],
+    ),
+    "conv dilated": (
+        lambda x, k: _conv(x, k, window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 2)),
+        [(2, 16, 12, 6), (3, 3, 6, 12)],
+    ),
+    "conv transposed": (
+        lambda x, k: _conv(
+            x, k, window_strides=(1, 1), padding=((2, 2), (1, 1)), lhs_dilation=(2, 2)
+        ),
+        [(2, 16, 12, 6), (3, 3, 6, 12)],
+    ),
+    "conv 3 groups": (
+        lambda x, k: _conv(x, k, window_strides=(1, 1), padding="SAME", feature_group_count=3),
+        [(2, 16, 12, 6), (3, 3, 2, 12)],
+    ),
+    "conv depthwise": (
+        lambda x, k: _conv(
+            x, k, window_strides=(2, 1), padding=((0, 1), (1, 0)), feature_group_count=6
+        ),
+        [(2, 16, 12, 6), (3, 3, 1, 12)],
+    ),
+    "conv 1-D NCW": (
+        lambda x, k: jax.lax.conv_general_dilated(
+            x, k, (1,), "SAME", dimension_numbers=("NCW", "OIW", "NCW")
+        ),
+        [(2, 6, 16), (4, 6, 5)],
+    ),
+    "conv kernel gradient": (_grad_kernel, [(3, 3, 6, 12), (2, 16, 16, 6)]),
+}
+
+
+@pytest.mark.parametrize("name", PRODUCTS)
+def test_product_flops_are_xla_cost_analysis_flops(name):
+    """One product compiled by XLA:CPU: its FLOPs read from the HLO equal the cost
+    analysis' (which counts padding and dilation holes as no work)."""
+    fn, shapes = PRODUCTS[name]
+    compiled = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, np.float32) for s in shapes]).compile()
+    assert aot.program_flops(compiled.as_text()) == (aot._cost(compiled)["flops"],) * 2
+
+
+@needs_libtpu
+def test_product_flops_are_the_tpu_compilers_cost_analysis_flops():
+    """The TPU compiler rewrites products (a batched dot becomes a convolution with a dilated
+    window, a grouped convolution a 3-D one, a kernel gradient one with the batch as
+    features): the FLOPs read from its HLO are still its cost analysis'."""
+    sharding = jax.sharding.NamedSharding(
+        aot.get_topology("v3-8").mesh(), jax.sharding.PartitionSpec()
+    )
+    for name in ("batched dot", "conv 3 groups", "conv transposed", "conv kernel gradient"):
+        fn, shapes = PRODUCTS[name]
+        args = [jax.ShapeDtypeStruct(s, np.float32, sharding=sharding) for s in shapes]
+        compiled = jax.jit(fn).lower(*args).compile()
+        assert aot.program_flops(compiled.as_text()) == (aot._cost(compiled)["flops"],) * 2, name
+
+
+def _scan(body, n):
+    """`x -> body(x)` n times in a `lax.scan` (a `while` in the HLO)."""
+    return lambda x: jax.lax.scan(lambda c, _: (body(c), None), x, None, n)[0]
+
+
+def _conv_valid(x, k):  # 3x3, 4 -> 4 features: 2 x outputs x 3 x 3 x 4 FLOPs
+    return _conv(x, k, window_strides=(1, 1), padding="VALID")
+
+
+LOOPS = {  # name: (function, argument shapes, FLOPs per call)
+    # The issue's case: the 512x512 product once, the 8x8 one 100 times.
+    "big product outside, small in a loop": (
+        lambda a, b: (a @ a, _scan(lambda c: c @ c, 100)(b)),
+        [(512, 512), (8, 8)],
+        2 * 512**3 + 100 * 2 * 8**3,
+    ),
+    "convolution outside, product in a loop": (
+        lambda x, k, b: (_conv_valid(x, k), _scan(lambda c: c @ c, 30)(b)),
+        [(2, 18, 18, 4), (3, 3, 4, 4), (16, 16)],
+        2 * (2 * 16 * 16 * 4) * 9 * 4 + 30 * 2 * 16**3,
+    ),
+    "product outside, convolution in a loop": (
+        lambda x, k, a: (
+            _scan(lambda c: jnp.pad(_conv_valid(c, k), ((0, 0), (1, 1), (1, 1), (0, 0))), 20)(x),
+            a @ a,
+        ),
+        [(2, 8, 8, 4), (3, 3, 4, 4), (64, 64)],
+        20 * 2 * (2 * 6 * 6 * 4) * 9 * 4 + 2 * 64**3,
+    ),
+    "nested loops": (
+        lambda a, b, c: (
+            a @ a,
+            _scan(lambda bc: (bc[0] @ bc[0], _scan(lambda c: c @ c, 5)(bc[1])), 10)((b, c)),
+        ),
+        [(64, 64), (8, 8), (16, 16)],
+        2 * 64**3 + 10 * (2 * 8**3 + 5 * 2 * 16**3),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_loop_factor_times_the_cost_analysis_is_the_flops_per_call(name):
+    """Programs compiled by XLA:CPU with products inside and outside (nested) loops: the cost
+    analysis counts each loop body once; times the loop factor it is the FLOPs of one call,
+    counted by hand (to the loop counters' scalar adds, a few FLOPs a step)."""
+    fn, shapes, flops = LOOPS[name]
+    compiled = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, np.float32) for s in shapes]).compile()
+    hlo = compiled.as_text()
+    assert aot.loop_factor(hlo) * aot._cost(compiled)["flops"] == pytest.approx(flops, rel=1e-4)
+    assert aot.program_flops(hlo)[0] == flops
 
 
 @needs_libtpu
@@ -281,6 +494,7 @@ def test_no_estimate_is_reported_as_none_not_as_a_time(optimal):
         "temp_bytes": 2**30,
         "output_bytes": 0,
         "code_bytes": 2**20,
+        "resident_bytes": 0,
         "peak_bytes": 2 * 2**30,
         "hbm_bytes": 16 * 2**30,
         "fits": True,
