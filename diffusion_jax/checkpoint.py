@@ -235,7 +235,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, *, log=
             )
         if decision == DAMAGED:
             raise UnreadableCheckpointError(directory, step, f"damaged (process {where})")
-        why = describe_error(result, directory) if outcome == STORAGE else f"process {where}"
+        why = describe_error(result, directory) if outcome == STORAGE else f"on process {where}"
         if attempt + 1 < tries:
             delay = READ_RETRY_DELAYS_S[attempt]
             log(
@@ -243,7 +243,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, *, log=
                 f"as written: try {attempt + 2} of {tries} in {delay:g} s."
             )
             time.sleep(delay)
-    if _legacy_damage(directory, step):
+    if _all_processes(_legacy_damage(directory, step)):
         raise UnreadableCheckpointError(directory, step, why)
     raise CheckpointError(
         f"could not read checkpoint {step} in {directory}: the storage did not answer in "
@@ -300,7 +300,12 @@ def _read(mngr: ocp.CheckpointManager, step_dir: epath.Path, abstract_state: Any
             f"code: {mismatch} (another model or training state than this config's; not a "
             "damaged checkpoint)"
         )
-    state = mngr.restore(int(step_dir.name), args=ocp.args.StandardRestore(abstract_state))
+    args = ocp.args.StandardRestore(abstract_state)
+    if jax.process_count() == 1:
+        state = mngr.restore(int(step_dir.name), args=args)
+    else:  # orbax's restore ends in a barrier that a process whose read failed never
+        # reaches, leaving the others waiting: its handler reads without one (`_agree` follows)
+        state = ocp.StandardCheckpointHandler().restore(step_dir / "default", args=args)
     if checksums is not None:
         differ = sorted(k for k, v in state_checksums(state).items() if checksums.get(k) != v)
         if differ:

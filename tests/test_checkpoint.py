@@ -457,7 +457,7 @@ def inject(monkeypatch, where, error, times):
 
 @pytest.fixture
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(checkpoint, "READ_RETRY_DELAYS_S", (0.01, 0.01, 0.01, 0.01))
+    monkeypatch.setattr(checkpoint, "READ_RETRY_DELAYS_S", (0.01,) * 4, raising=False)
 
 
 @pytest.mark.parametrize("where", sorted(BOUNDARY))
@@ -594,3 +594,75 @@ def test_cli_storage_blips_and_bugs(workdir):
     assert "try 2 of 5" in out and "unreadable" not in out
     assert checkpoint.checkpoint_steps(workdir) == [4, 6, 8]
     assert not list((workdir / "checkpoints").glob("*.damaged-*"))
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_decision(tmp_path):
+    """Two processes (jax.distributed over CPU), the failure on process 1 only: a blip is
+    retried by both, which restore the newest checkpoint; a blip that lasts stops both in one
+    line; a bug is raised as it is on process 1 and named on process 0. No process waits for
+    the other forever (the time-out), and nothing is renamed."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    directory = tmp_path / "checkpoints"
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(REPO)
+    )
+    worker = [sys.executable, str(REPO / "tests" / "checkpoint_worker.py")]
+    procs = [
+        subprocess.Popen(
+            [*worker, str(i), str(port), str(directory), "none,blip,lasting,bug"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    results = {}
+    for out in outputs:
+        for line in out.splitlines():
+            if line.startswith('{"scenario"'):
+                r = json.loads(line)
+                results[r["scenario"], r["process"]] = r
+    assert len(results) == 8, outputs
+    for p in (0, 1):
+        assert results["none", p] == {"scenario": "none", "process": p, "step": 2, "equal": True}
+        assert results["blip", p] == {"scenario": "blip", "process": p, "step": 2, "equal": True}
+        lasting = results["lasting", p]
+        assert lasting["error"] == "CheckpointError", lasting
+        assert "the storage did not answer in 5 tries" in lasting["message"]
+        assert "nothing was changed" in lasting["message"]
+    assert "Connection reset by peer" in results["lasting", 1]["message"]
+    assert "(on process 1)" in results["lasting", 0]["message"]
+    assert results["bug", 1]["error"] == "TypeError"
+    assert (
+        results["bug", 0]["error"] == "RuntimeError" and "process 1" in results["bug", 0]["message"]
+    )
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2"]
+
+
+@pytest.mark.parametrize("times", [1, None])
+def test_eval_job_never_records_a_blip_as_skipped(times, workdir, quick_retries, monkeypatch):
+    """`--mode eval` records an unreadable checkpoint as skipped for good; a storage blip must
+    not be one: a blip that passes evaluates checkpoint 6, one that lasts stops the job in
+    one line with nothing recorded."""
+    inject(monkeypatch, "orbax restore", ValueError(UNAVAILABLE), times=times)
+    if times is None:
+        with pytest.raises(checkpoint.CheckpointError, match="did not answer in 5 tries"):
+            eval_once(workdir)
+        records = job.metrics_path(workdir)
+        assert not records.exists() or "skipped" not in records.read_text()
+    else:
+        (record,) = eval_once(workdir)
+        assert record["step"] == 6 and "skipped" not in record
