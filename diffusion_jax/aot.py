@@ -22,13 +22,13 @@ and the bytes resident beside the program (the preview's train state) against th
 HBM, FLOPs and bytes accessed (`cost_analysis`, times `loop_factor`), the compiler's
 cost-model time per call (`optimal_seconds`, an ESTIMATE, not a measurement), the rate it
 implies, the MFU it implies against the chip's bf16 peak, and the cross-host collectives. A
-program that does not fit exits 1 naming it.
+program that does not fit exits 1 naming it. The chip facts, the memory peak, out-of-memory
+detection and the loop correction are `xla_analysis`'s, shared with the benchmark.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -59,10 +59,11 @@ from diffusion_jax import (  # noqa: E402
     input_pipeline,
     schedules,
     train_step,
+    xla_analysis,
 )
 from diffusion_jax import state as state_lib  # noqa: E402
 
-GiB = 1024**3
+GiB = xla_analysis.GiB
 
 # User-facing slice names (Cloud TPU accelerator types) -> libtpu topology names. v2-v4 and
 # v5p count TensorCores in the name, v5e and v6e count chips. Any "vX:AxB[xC]" passes through.
@@ -85,22 +86,6 @@ TOPOLOGIES = {
     "v6e-32": "v6e:4x8",
 }
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    hbm_bytes: int  # per chip
-    bf16_flops: float  # peak per chip, FLOP/s
-
-
-# By `device_kind` (REFERENCE.md §10; Cloud TPU documentation). A chip's HBM and peak are
-# split evenly over the devices the topology lists on it (v3 and v4: one per TensorCore).
-CHIPS = {
-    "TPU v3": Chip(32 * GiB, 123e12),
-    "TPU v4": Chip(32 * GiB, 275e12),
-    "TPU v5": Chip(95 * GiB, 459e12),  # v5p
-    "TPU v5 lite": Chip(16 * GiB, 197e12),
-    "TPU v6 lite": Chip(32 * GiB, 918e12),
-}
 
 PROGRAMS = ("train", "preview", "sample", "bpd", "ode_bpd", "inception")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -148,14 +133,17 @@ def get_topology(name: str) -> Topology:
         raise errors.UserError(f"libtpu cannot describe topology {topology!r}: {first}") from e
     devices = tuple(desc.devices)
     kind = devices[0].device_kind
-    if kind not in CHIPS:
-        raise errors.UserError(
-            f"no chip facts for {kind!r} (topology {topology}); known: {', '.join(CHIPS)}"
-        )
+    chip = xla_analysis.chip(kind)
+    if chip is None or chip.hbm_bytes is None:
+        known = ", ".join(k for k in xla_analysis.CHIPS if k.startswith("tpu"))
+        raise errors.UserError(f"no chip facts for {kind!r} (topology {topology}); known: {known}")
     chips = math.prod(int(n) for n in topology.split(":")[1].split("x"))
-    per_chip = max(len(devices) // chips, 1)
-    chip = CHIPS[kind]
-    return Topology(name, topology, devices, chip.hbm_bytes // per_chip, chip.bf16_flops / per_chip)
+    if max(len(devices) // chips, 1) != chip.devices:
+        raise errors.UserError(
+            f"libtpu lists {len(devices)} devices on the {chips} chips of {topology}; the chip "
+            f"table (xla_analysis.CHIPS) has {chip.devices} per {kind} chip"
+        )
+    return Topology(name, topology, devices, chip.hbm_bytes, chip.peak_flops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,151 +323,12 @@ def collectives(hlo: str, mesh: Mesh) -> dict[str, Any]:
     return out
 
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
-_CALLEE = re.compile(
-    r"(?:calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
-    r"|branch_computations=\{([^}]*)\}"
-)
-_PRODUCT = re.compile(r"= (\w+\[[\d,]*\])\S* (convolution|dot)\((.*)$")
-_DEFINITION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])")
-_OPERAND = re.compile(r"(?:(\w+\[[\d,]*\])\S*\s+)?%([\w.\-]+)")
-
-
-def _dims(shape: str) -> list[int]:
-    """[8, 4] of 'f32[8,4]'."""
-    return [int(d) for d in shape[shape.index("[") + 1 : -1].split(",") if d]
-
-
-def _attribute(line: str, name: str, default: str = "") -> str:
-    m = re.search(rf"\b{name}=(\{{[^}}]*\}}|[^,\s]+)", line)
-    return m.group(1).strip("{}") if m else default
-
-
-def _valid_positions(kernel: int, out: int, lhs: int, window: list[int]) -> int:
-    """The (kernel, output) position pairs of one spatial dimension that read an input element
-    rather than padding or a dilation hole; `window` = [stride, low padding, lhs dilation, rhs
-    dilation] (XLA's `HloCostAnalysis::GetConvolutionFlops`)."""
-    stride, pad, base, dilate = window
-    index = np.arange(out)[None, :] * stride - pad + np.arange(kernel)[:, None] * dilate
-    return int(((index % base == 0) & (index >= 0) & (index // base < lhs)).sum())
-
-
-def product_flops(line: str, shapes: dict[str, str]) -> int:
-    """FLOPs of one HLO `dot` or `convolution` instruction as XLA's cost analysis counts them
-    (2 per multiply-add), 0 for any other line. A dot: 2 x the result's elements x the sizes
-    of the left operand's contracting dimensions. A convolution: 2 x input features per
-    group x output features x batch per batch group x the (kernel, output) position pairs of
-    each spatial dimension that read an input element (`dim_labels`, `window`: padding and
-    dilation holes read nothing). Operand shapes come from the line or, by name, `shapes`."""
-    m = _PRODUCT.search(line)
-    if not m:
-        return 0
-    result, op, rest = _dims(m.group(1)), m.group(2), m.group(3)
-    lhs, rhs = (_dims(shape or shapes[name]) for shape, name in _OPERAND.findall(rest)[:2])
-    if op == "dot":
-        contracting = [int(d) for d in _attribute(line, "lhs_contracting_dims").split(",") if d]
-        return 2 * math.prod(result) * math.prod(lhs[d] for d in contracting)
-    lhs_labels, rhs_labels, out_labels = re.split(r"_|->", _attribute(line, "dim_labels"))
-    window = dict(item.split("=") for item in _attribute(line, "window").split())
-    n = len(lhs_labels) - 2  # spatial dimensions, labelled 0..n-1
-    # Per dimension: stride, low padding ('pad=1_2x0_0' is low_high), lhs and rhs dilation.
-    knobs = [
-        [int(v.split("_")[0]) for v in window[key].split("x")] if key in window else [value] * n
-        for key, value in {"stride": 1, "pad": 0, "lhs_dilate": 1, "rhs_dilate": 1}.items()
-    ]
-    positions = math.prod(
-        _valid_positions(
-            rhs[rhs_labels.index(str(d))],
-            result[out_labels.index(str(d))],
-            lhs[lhs_labels.index(str(d))],
-            [k[d] for k in knobs],
-        )
-        for d in range(n)
-    )
-    groups = int(_attribute(line, "feature_group_count", "1"))
-    batch_groups = int(_attribute(line, "batch_group_count", "1"))
-    features = lhs[lhs_labels.index("f")] // groups * result[out_labels.index("f")]
-    return 2 * features * (lhs[lhs_labels.index("b")] // batch_groups) * positions
-
-
-def program_flops(hlo: str) -> tuple[int, int]:
-    """(per call, each once): the FLOPs of a compiled program's convolutions and matrix
-    products (`product_flops`), each times how often it runs per call, and each counted once
-    as XLA's cost analysis counts a loop body. A `while` body runs as often as XLA's
-    `known_trip_count` says, else as its condition allows (a scan's counter runs from 0 to
-    the constant it is compared with); nested loops multiply."""
-    body: dict[str, list[str]] = {}
-    shapes: dict[str, dict[str, str]] = {}  # computation -> value name -> 'f32[8,4]'
-    # computation -> [(callee, None | a while's trip count or condition computation)]
-    calls: dict[str, list[tuple[str, str | None]]] = {}
-    entry, current = None, None
-    for line in hlo.splitlines():
-        m = _COMPUTATION.match(line)
-        if m and not line.startswith(" "):
-            current = m.group(1)
-            body[current], calls[current], shapes[current] = [], [], {}
-            entry = current if line.startswith("ENTRY") else entry
-            continue
-        if current is None:
-            continue
-        body[current].append(line)
-        d = _DEFINITION.match(line)
-        if d:
-            shapes[current][d.group(1)] = d.group(2)
-        loop = re.search(r" while\(.*condition=%?([\w.\-]+), body=%?([\w.\-]+)", line)
-        if loop:
-            known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-            calls[current].append((loop.group(2), known.group(1) if known else loop.group(1)))
-            continue
-        for callee, branches in _CALLEE.findall(line):
-            for name in [callee] if callee else re.findall(r"%?([\w.\-]+)", branches):
-                calls[current].append((name, None))
-
-    def trips(condition: str) -> int:
-        """The trip count XLA noted on the loop, else read from its condition (`i < N`)."""
-        if condition.isdigit():
-            return int(condition)
-        lines = body.get(condition, [])
-        text = "\n".join(lines + [x for c, _ in calls.get(condition, []) for x in body.get(c, [])])
-        bound = re.findall(r"s32\[\]\S* constant\((\d+)\)", text)
-        return int(bound[0]) if bound and "direction=LT" in text else 1
-
-    @functools.cache
-    def flops(name: str, executed: bool) -> int:  # HLO's call graph has no cycles
-        own = sum(product_flops(line, shapes.get(name, {})) for line in body.get(name, []))
-        return own + sum(
-            (trips(cond) if cond and executed else 1) * flops(callee, executed)
-            for callee, cond in calls.get(name, [])
-        )
-
-    return (flops(entry, True), flops(entry, False)) if entry else (0, 0)
-
-
-def loop_factor(hlo: str) -> float:
-    """Per-call over counted-once FLOPs of a compiled program's products (`program_flops`;
-    1 without products): a product in a 100-step scan weighs 100 times its FLOPs, one
-    outside every loop its FLOPs once, and loops without products (e.g. `searchsorted`'s
-    binary search) nothing. XLA's cost analysis counts each loop body once; its totals times
-    this factor are the per-call cost, exact for the products' FLOPs. Elementwise work and
-    bytes are scaled by the products' factor too (off by their share where they are not
-    spread over the loops as the products are)."""
-    per_call, once = program_flops(hlo)
-    return per_call / once if once else 1.0
-
-
 def largest_buffers(hlo: str, top: int = 3) -> list[tuple[str, int]]:
     """The `top` largest values (per device) defined in a compiled program's HLO."""
     sizes = {}
     for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+\[[\d,]*\]\S*|\([^=]*?\)) ", hlo, re.M):
         sizes[m.group(1)] = max(sizes.get(m.group(1), 0), shape_bytes(m.group(2)))
     return sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
-
-
-def _cost(compiled) -> dict[str, float]:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older jax: one dict per program
-        cost = cost[0] if cost else {}
-    return dict(cost or {})
 
 
 def analyse(program: Program, topo: Topology) -> dict[str, Any]:
@@ -490,9 +339,9 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - only running out of HBM is the user's to fix
-        text = str(e)
-        if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        if not xla_analysis.is_oom(e):
             raise
+        text = str(e)
         largest = largest_buffers(lowered.as_text(dialect="hlo"))
         raise errors.UserError(
             f"{program.name} does not fit {topo.name} ({topo.hbm_bytes / GiB:.1f} GiB HBM per "
@@ -500,13 +349,12 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
             + ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in largest)
         ) from e
     seconds = time.perf_counter() - start
-    mem, cost = compiled.memory_analysis(), _cost(compiled)
-    argument, temp = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
-    output, code = int(mem.output_size_in_bytes), int(mem.generated_code_size_in_bytes)
-    alias = int(getattr(mem, "alias_size_in_bytes", 0))
-    peak = argument + output - alias + temp + code + program.resident
+    mem, cost = xla_analysis.memory_bytes(compiled), xla_analysis.cost(compiled)
+    if mem is None:
+        raise errors.UserError(f"{program.name}: the compiler gives no memory analysis")
+    peak = mem["peak_bytes"] + program.resident
     hlo = compiled.as_text()
-    factor = loop_factor(hlo)  # the cost analysis counts a loop body once
+    factor = xla_analysis.loop_factor(hlo)  # the cost analysis counts a loop body once
     estimate = estimated_seconds(cost.get("optimal_seconds"), factor)
     flops = factor * float(cost.get("flops", 0.0))
     return {
@@ -514,11 +362,11 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
         "topology": topo.name,
         "devices": program.mesh.size,
         "processes": len({d.process_index for d in program.mesh.devices.flat}),
-        "argument_bytes": argument,
-        "temp_bytes": temp,
-        "output_bytes": output,
-        "alias_bytes": alias,
-        "code_bytes": code,
+        "argument_bytes": mem["argument_bytes"],
+        "temp_bytes": mem["temp_bytes"],
+        "output_bytes": mem["output_bytes"],
+        "alias_bytes": mem["alias_bytes"],
+        "code_bytes": mem["code_bytes"],
         "resident_bytes": program.resident,
         "peak_bytes": peak,
         "hbm_bytes": topo.hbm_bytes,

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import pytest
 from conftest import REPO, tiny_config
 
 from configs import digits_distill
-from diffusion_jax import aot, errors
+from diffusion_jax import aot, errors, xla_analysis
 from diffusion_jax import state as state_lib
 
 try:
@@ -91,7 +92,7 @@ def test_rows_for_a_v3_8_have_the_documented_keys_and_the_cpu_flops(v3_8, device
     cpu = aot.Topology("cpu", "cpu", tuple(devices), 2**40, 1.0)
     for program in aot.build_programs(_config(16), cpu, PROGRAMS):
         compiled = program.fn.lower(*program.args).compile()
-        flops = aot._cost(compiled)["flops"] * aot.loop_factor(compiled.as_text())
+        flops = xla_analysis.cost(compiled)["flops"] * xla_analysis.loop_factor(compiled.as_text())
         assert v3_8[program.name]["flops"] == pytest.approx(flops, rel=0.10), program.name
 
 
@@ -163,7 +164,7 @@ def test_the_preview_row_counts_the_train_state_resident_while_it_runs(devices, 
     )
     assert ema <= mem.argument_size_in_bytes < ema + 64  # the EMA parameters, key, labels
     # The sampler's steps: all its network calls run in the scan over them.
-    assert aot.loop_factor(compiled.as_text()) == (8 if distilling else 10)
+    assert xla_analysis.loop_factor(compiled.as_text()) == (8 if distilling else 10)
 
     tight = dataclasses.replace(cpu, hbm_bytes=own + resident // 2)
     row = aot.analyse(program, tight)
@@ -328,9 +329,16 @@ def test_loop_factor_weighs_loops_by_their_products_flops():
     the scan weighs nothing. Operand shapes from their definitions or the line itself."""
     conv, small, big = 2 * 288 * 3 * 3 * 2, 2 * 2 * 4 * 16, 2 * 64 * 64 * 128
     per_call, once = big + 50 * (conv + small), big + conv + small
-    assert aot.loop_factor(HLO_LOOPS) == pytest.approx(per_call / once)  # counting: 101 / 3
-    assert aot.program_flops(HLO_LOOPS) == (per_call, once)
-    assert aot.loop_factor("ENTRY %main (a: f32[2]) -> f32[2] {\n  %x = f32[2] add(%a, %a)\n}") == 1
+    assert xla_analysis.loop_factor(HLO_LOOPS) == pytest.approx(
+        per_call / once
+    )  # counting: 101 / 3
+    assert xla_analysis.program_flops(HLO_LOOPS) == (per_call, once)
+    assert (
+        xla_analysis.loop_factor(
+            "ENTRY %main (a: f32[2]) -> f32[2] {\n  %x = f32[2] add(%a, %a)\n}"
+        )
+        == 1
+    )
 
 
 def _conv(x, k, **kw):
@@ -398,7 +406,10 @@ def test_product_flops_are_xla_cost_analysis_flops(name):
     analysis' (which counts padding and dilation holes as no work)."""
     fn, shapes = PRODUCTS[name]
     compiled = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, np.float32) for s in shapes]).compile()
-    assert aot.program_flops(compiled.as_text()) == (aot._cost(compiled)["flops"],) * 2
+    assert (
+        xla_analysis.program_flops(compiled.as_text())
+        == (xla_analysis.cost(compiled)["flops"],) * 2
+    )
 
 
 @needs_libtpu
@@ -413,7 +424,10 @@ def test_product_flops_are_the_tpu_compilers_cost_analysis_flops():
         fn, shapes = PRODUCTS[name]
         args = [jax.ShapeDtypeStruct(s, np.float32, sharding=sharding) for s in shapes]
         compiled = jax.jit(fn).lower(*args).compile()
-        assert aot.program_flops(compiled.as_text()) == (aot._cost(compiled)["flops"],) * 2, name
+        assert (
+            xla_analysis.program_flops(compiled.as_text())
+            == (xla_analysis.cost(compiled)["flops"],) * 2
+        ), name
 
 
 def _scan(body, n):
@@ -464,8 +478,10 @@ def test_loop_factor_times_the_cost_analysis_is_the_flops_per_call(name):
     fn, shapes, flops = LOOPS[name]
     compiled = jax.jit(fn).lower(*[jax.ShapeDtypeStruct(s, np.float32) for s in shapes]).compile()
     hlo = compiled.as_text()
-    assert aot.loop_factor(hlo) * aot._cost(compiled)["flops"] == pytest.approx(flops, rel=1e-4)
-    assert aot.program_flops(hlo)[0] == flops
+    assert xla_analysis.loop_factor(hlo) * xla_analysis.cost(compiled)["flops"] == pytest.approx(
+        flops, rel=1e-4
+    )
+    assert xla_analysis.program_flops(hlo)[0] == flops
 
 
 @needs_libtpu
@@ -478,8 +494,8 @@ def test_loop_factor_of_a_compiled_scan():
     for n in (10, 30):
         fn = jax.jit(lambda x, n=n: jax.lax.scan(lambda c, _: (c @ c, None), x, None, n)[0])
         compiled = fn.lower(x).compile()
-        assert aot._cost(compiled)["flops"] == pytest.approx(2 * 128**3, rel=0.01)
-        assert aot.loop_factor(compiled.as_text()) == n
+        assert xla_analysis.cost(compiled)["flops"] == pytest.approx(2 * 128**3, rel=0.01)
+        assert xla_analysis.loop_factor(compiled.as_text()) == n
 
 
 @pytest.mark.parametrize("optimal", [-212.0, 0.0, float("nan"), None])
@@ -510,3 +526,88 @@ def test_no_estimate_is_reported_as_none_not_as_a_time(optimal):
     line = aot.format_table([row]).splitlines()[-1]
     assert line.count("none") == 3 and "nan" not in line and "-" not in line
     assert json.loads(json.dumps(row))["estimated_seconds"] is None
+
+
+class _Compiled:
+    """What `aot.analyse` reads of a compiled program: known FLOPs, time and memory."""
+
+    def cost_analysis(self):
+        return {"flops": 3e12, "optimal_seconds": 0.25, "bytes accessed": 1e9}
+
+    def memory_analysis(self):
+        sizes = {"argument": 100, "output": 40, "alias": 30, "temp": 7, "generated_code": 5}
+        return types.SimpleNamespace(**{f"{k}_size_in_bytes": v for k, v in sizes.items()})
+
+    def as_text(self):
+        return "ENTRY %main () -> f32[] {\n  ROOT %c = f32[] constant(0)\n}"
+
+
+@pytest.mark.parametrize(
+    "kind, topology, per_chip",
+    [
+        ("TPU v3", "v3:2x2", 2),
+        ("TPU v4", "v4:2x2x1", 1),
+        ("TPU v5", "v5p:2x2x1", 1),
+        ("TPU v5 lite", "v5e:2x2", 1),
+        ("TPU v6 lite", "v6e:2x2", 1),
+    ],
+)
+def test_aot_and_the_benchmark_read_one_chip_table(monkeypatch, kind, topology, per_chip):
+    """A chip's peak and HBM per device are `xla_analysis.CHIPS`'s, for aot's topology and
+    MFU and for the benchmark's MFU alike: the same FLOPs in the same seconds give one MFU."""
+    from jax.experimental import topologies
+
+    from diffusion_jax import distributed
+    from diffusion_jax.benchmark import environment, timing
+
+    fake = [types.SimpleNamespace(device_kind=kind, process_index=0)] * (4 * per_chip)
+    monkeypatch.setitem(sys.modules, "libtpu", types.ModuleType("libtpu"))
+    monkeypatch.setattr(
+        topologies, "get_topology_desc", lambda **_: types.SimpleNamespace(devices=fake)
+    )
+    chip = xla_analysis.chip(kind)
+    topo = aot.get_topology(topology)
+    assert (topo.peak_flops, topo.hbm_bytes) == (chip.peak_flops, chip.hbm_bytes)
+
+    compiled = _Compiled()
+    lowered = types.SimpleNamespace(compile=lambda: compiled)
+    fn = types.SimpleNamespace(lower=lambda *args: lowered)
+    mesh = distributed.make_mesh(jax.devices()[:1])
+    aot_row = aot.analyse(aot.Program("train", fn, (), 8, "steps", mesh, resident=11), topo)
+    expected = 3e12 / 0.25 / chip.peak_flops
+    assert aot_row["mfu"] == pytest.approx(expected)
+    bench_row = timing.row(
+        "train",
+        "bfloat16",
+        8,
+        seconds=0.25,
+        seconds_all=[0.25],
+        images=8,
+        flops=timing.compiled_flops(compiled),
+        peak=environment.peak_tflops(kind),
+    )
+    assert bench_row["mfu"] == pytest.approx(expected)
+    # One memory formula: arguments + outputs - aliased + temporaries + code (+ resident).
+    memory = timing.compiled_memory(compiled)
+    assert memory["peak_bytes"] == 100 + 40 - 30 + 7 + 5
+    assert aot_row["peak_bytes"] == memory["peak_bytes"] + 11
+
+
+def test_the_v3_peak_is_123_tflops_per_chip_over_two_cores():
+    from diffusion_jax.benchmark import environment
+
+    v3 = xla_analysis.CHIPS["tpu v3"]
+    assert (v3.chip_bf16_flops, v3.devices, v3.hbm_bytes) == (123e12, 2, 16 * 2**30)
+    assert environment.peak_tflops("TPU v3") == pytest.approx(61.5)
+    assert xla_analysis.chip("TPU v5 lite").peak_flops == 197e12  # not v5p's 459
+    assert xla_analysis.chip("NVIDIA H100 PCIe").peak_flops == 756e12  # not the SXM's 989
+    assert xla_analysis.chip("cpu") is None
+
+
+def test_out_of_memory_is_one_test_for_aot_and_the_benchmark():
+    from diffusion_jax.benchmark import timing
+
+    assert timing.is_oom is xla_analysis.is_oom
+    assert xla_analysis.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2GiB"))
+    assert xla_analysis.is_oom(ValueError("XLA:TPU compile permanent error. Ran out of memory"))
+    assert not xla_analysis.is_oom(ValueError("incompatible shapes"))

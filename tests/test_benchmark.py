@@ -35,7 +35,9 @@ def test_peak_table():
     assert bench.peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
     assert bench.peak_tflops("TPU v4") == 275.0
     assert bench.peak_tflops("TPU v5 lite") == 197.0
-    assert bench.peak_tflops("TPU v3") * 8 == pytest.approx(420.0)
+    assert bench.peak_tflops("TPU v3") == pytest.approx(61.5)  # 123 per chip, 2 cores
+    assert bench.peak_tflops("TPU v5") == 459.0  # v5p
+    assert bench.peak_tflops("TPU v6 lite") == 918.0
     assert bench.peak_tflops("cpu") is None
     assert bench.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2.0GiB"))
     assert not bench.is_oom(ValueError("incompatible shapes"))
@@ -131,7 +133,11 @@ def test_harness_on_a_tiny_unet(tmp_path):
     assert memory["output_bytes"] == state_bytes + 5 * 4 + 8 * outputs
     assert memory["temp_bytes"] > 0
     assert memory["peak_bytes"] == (
-        memory["argument_bytes"] + memory["output_bytes"] - state_bytes + memory["temp_bytes"]
+        memory["argument_bytes"]
+        + memory["output_bytes"]
+        - state_bytes
+        + memory["temp_bytes"]
+        + memory["code_bytes"]
     )
     assert rows["sample"]["memory"]["temp_bytes"] > 0 and rows["bpd"]["memory"]["peak_bytes"] > 0
     assert rows["sample"]["steps"] == 2 and "reduced" in rows["sample"]["note"]

@@ -16,8 +16,10 @@ the same format for the PyTorch peer, `--compare` prints two results side by sid
 
 * `options`: `Options`, what to measure (each field is also a command-line flag);
 * `tasks`: the measurements (`Benchmark`, `run_benchmark`; imports JAX), described there;
-* `environment`: host, devices, package versions, `PEAK_TFLOPS` per device kind;
-* `timing`: medians, XLA's FLOP and memory analyses, donation, the result `row`;
+* `environment`: host, devices, package versions, the peak per device kind
+  (`diffusion_jax.xla_analysis.CHIPS`, shared with `aot`);
+* `timing`: medians, XLA's FLOP and memory analyses (`xla_analysis`), donation, the result
+  `row`;
 * `report`: the table, the comparison, result files;
 * `__main__`: the command line.
 
@@ -26,7 +28,6 @@ nor TensorFlow (the PyTorch peer uses them).
 """
 
 from diffusion_jax.benchmark.environment import (
-    PEAK_TFLOPS,
     host_info,
     jax_device_info,
     package_versions,
@@ -52,7 +53,6 @@ from diffusion_jax.benchmark.timing import (
 
 __all__ = [
     "EXTRA_TASKS",
-    "PEAK_TFLOPS",
     "REFERENCE_FORWARD_GFLOP",
     "TASKS",
     "Options",

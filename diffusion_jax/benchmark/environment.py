@@ -1,6 +1,6 @@
 """The context every result is read in: the host, the JAX devices, package versions, and each
-device kind's dense bf16 peak (for the model FLOPs utilisation). JAX is imported only by
-`jax_device_info`.
+device kind's dense bf16 peak (for the model FLOPs utilisation; `xla_analysis.CHIPS`, the
+table `aot` uses too). JAX is imported only by `jax_device_info`.
 """
 
 from __future__ import annotations
@@ -12,28 +12,14 @@ import platform
 from collections.abc import Sequence
 from typing import Any
 
-# Dense bf16 peak TFLOP/s per JAX device, matched in order against `device_kind`.
-# TPU v3 exposes each of its 2 cores per chip as a device: 420 / 8 per core (v3-8 = 420);
-# v4 and later expose one device per chip.
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("h100 pcie", 756.0),
-    ("h100", 989.0),
-    ("h200", 989.0),
-    ("a100", 312.0),
-    ("tpu v3", 420.0 / 8),
-    ("tpu v4", 275.0),
-    ("tpu v5 lite", 197.0),
-    ("tpu v5e", 197.0),
-)
+from diffusion_jax import xla_analysis
 
 
 def peak_tflops(device_kind: str) -> float | None:
-    """Dense bf16 peak TFLOP/s of one device of this kind, or None when unknown (CPU)."""
-    kind = device_kind.lower()
-    for pattern, peak in PEAK_TFLOPS:
-        if pattern in kind:
-            return peak
-    return None
+    """Dense bf16 peak TFLOP/s of one device of this kind (`xla_analysis.CHIPS`), or None
+    when unknown (CPU)."""
+    chip = xla_analysis.chip(device_kind)
+    return None if chip is None else chip.peak_flops / 1e12
 
 
 def host_info() -> dict[str, Any]:

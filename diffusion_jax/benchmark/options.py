@@ -41,7 +41,7 @@ class Options:
     bpd_timesteps: int = _option(0, "Bits/dim chain length; 0 = full.")
     inception_batch: int = _option(0, "Inception batch; 0 = config.eval.batch_size.")
     inception_size: int = _option(299, "Inception input side.")
-    forward_flops: bool = _option(True, "Measure the forward GFLOP/image vs REFERENCE.md.")
+    forward_flops: bool = _option(True, "Measure the forward GFLOP/image vs the published one.")
     num_devices: int = _option(0, "Use the first N devices (single process); 0 = all.")
     init: str = _option(
         "model",

@@ -27,10 +27,11 @@ same XLA options (`distributed.compiler_options`, recorded in the result):
 
 Each timing compiles first, warms up (`--warmup` calls), synchronises with
 `block_until_ready` before reading the clock and reports the median of `--repeats`. FLOPs
-come from XLA's cost analysis of the compiled program, per device (sampling and bpd: the
-forward pass's FLOPs x images x steps, as the analysis counts a loop body once). Model FLOPs
-utilisation (MFU) divides the achieved FLOP/s by the device's dense bf16 peak
-(`environment.PEAK_TFLOPS`; n/a where unknown, e.g. CPU). Each train row also records how
+come from XLA's cost analysis of the compiled program, per device, times
+`xla_analysis.loop_factor` (the analysis counts a loop body once: the sampler's and the
+bound's chains), as `aot` counts them. Model FLOPs utilisation (MFU) divides the achieved
+FLOP/s by the device's dense bf16 peak (`xla_analysis.CHIPS`, the table `aot` uses; n/a
+where unknown, e.g. CPU). Each train row also records how
 many state buffers the compiled step aliases to its outputs (donation) and the host time to
 dispatch a step; each row of a compiled program records XLA's memory analysis of it per
 device; `--profile DIR` adds a `jax.profiler` trace of one train step per train row.
@@ -75,7 +76,8 @@ from diffusion_jax.metrics import inception as inception_lib
 
 
 def is_reference_model(config: Any) -> bool:
-    """True for the CIFAR-10 U-Net whose forward cost REFERENCE.md §3 gives."""
+    """True for the CIFAR-10 U-Net of the DDPM paper, whose published forward cost is
+    `report.REFERENCE_FORWARD_GFLOP`."""
     m = config.model
     return (
         m.name == "unet"
@@ -342,7 +344,7 @@ class Benchmark:
             raise ValueError(f"{flag}={steps} must be in [1, {total}]")
         return total, steps
 
-    def sample(self, dtype: str, fwd_flops: float | None) -> None:
+    def sample(self, dtype: str) -> None:
         cfg = self.config_for(dtype)
         total, steps = self._chain_steps(cfg, self.opts.sample_steps, "--sample_steps")
         images = self.opts.sample_images
@@ -359,23 +361,22 @@ class Benchmark:
         note = "full chain" if steps == total else f"respaced chain of {steps} of {total} steps"
         if images < 256:
             note += f", {images} images (not 256)"
-        flops = fwd_flops * images * steps / self.n_dev if fwd_flops else None
         result = row(
             "sample",
             dtype,
             images,
             steps=steps,
             images=images,
-            flops=flops,
+            flops=compiled_flops(compiled),
             note=note + ("" if full else " (reduced; not extrapolated)"),
-            flops_source="forward cost analysis x images x steps",
+            flops_source="cost analysis x loop factor (xla_analysis)",
             **timing,
         )
         self._add(result)
 
     # -- bits/dim ---------------------------------------------------------------------------
 
-    def bpd(self, dtype: str, fwd_flops: float | None) -> None:
+    def bpd(self, dtype: str) -> None:
         """The evaluation's bound function on one batch of uint8 images with cycling labels
         (all unmasked). `make_bpd_fn` evaluates the config's whole chain, so a reduced
         `--bpd_timesteps` K is measured as the bound of a K-step chain: K model calls per
@@ -398,7 +399,7 @@ class Benchmark:
             batch,
             steps=steps,
             images=batch,
-            flops=fwd_flops * batch * steps / self.n_dev if fwd_flops else None,
+            flops=compiled_flops(compiled),
             note=note + ("" if steps == total else " (reduced; not extrapolated)"),
             **timing,
         )
@@ -528,7 +529,7 @@ class Benchmark:
         if is_reference_model(self.config):
             ratio = f32 / 1e9 / REFERENCE_FORWARD_GFLOP
             self.checks["forward_vs_reference"] = ratio
-            line += f"; REFERENCE.md §3: {REFERENCE_FORWARD_GFLOP}, ratio {ratio:.3f}"
+            line += f"; published: {REFERENCE_FORWARD_GFLOP}, ratio {ratio:.3f}"
         self.log(line)
         return fwd
 
@@ -536,18 +537,17 @@ class Benchmark:
         """Runs the selected tasks; returns the JSON-able result."""
         load_before = host_info()["load_avg"]
         only = set(self.opts.only)
-        fwd = {}
         if {"train", "sample", "bpd", "forward"} & only and self.opts.forward_flops:
-            fwd = self._log_forward_flops()
+            self._log_forward_flops()
         for dtype in self.opts.dtypes:
             if "forward" in only:
                 self.forward(dtype)
             if "train" in only:
                 self.train(dtype)
             if "sample" in only:
-                self.sample(dtype, fwd.get(dtype))
+                self.sample(dtype)
             if "bpd" in only:
-                self.bpd(dtype, fwd.get(dtype))
+                self.bpd(dtype)
         for task in ("inception", "input", "checkpoint"):
             if task in only:
                 getattr(self, task)()

@@ -1,5 +1,5 @@
 """Measurement helpers: wall-clock medians, XLA's FLOP and memory analyses of a compiled
-program, applied donation, out-of-memory errors, and the result row (shared with
+program (`xla_analysis`), applied donation, and the result row (shared with
 launch/benchmark_peer.py). No JAX import: they read the objects they are given.
 """
 
@@ -10,6 +10,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from diffusion_jax import xla_analysis
 
 
 def median_time(run: Callable[[], Any], *, warmup: int, repeats: int) -> tuple[float, list[float]]:
@@ -25,18 +27,18 @@ def median_time(run: Callable[[], Any], *, warmup: int, repeats: int) -> tuple[f
 
 
 def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of one call of a compiled (or lowered) program per device, from XLA's cost
-    analysis; None where the backend does not report them."""
+    """FLOPs of one call of a compiled (or lowered) program per device: XLA's cost analysis
+    times `xla_analysis.loop_factor` of its HLO (a loop body counts as often as it runs; a
+    lowered program's text has no HLO loops: factor 1); None where the backend does not
+    report them."""
+    flops = float(xla_analysis.cost(compiled).get("flops", 0.0))
+    if not flops > 0:
+        return None
     try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis:
-        return None
-    flops = float(analysis["flops"])
-    return flops if flops > 0 else None
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001 - a program without text keeps the analysis's count
+        text = ""
+    return flops * xla_analysis.loop_factor(text or "")
 
 
 def donated_aliases(compiled: Any) -> int:
@@ -48,30 +50,8 @@ def donated_aliases(compiled: Any) -> int:
     return len(re.findall(r"alias\)", match.group(1)))
 
 
-def compiled_memory(compiled: Any) -> dict[str, int] | None:
-    """Device bytes XLA's buffer assignment gives one call of a compiled program, per device:
-    arguments, outputs, the part of the outputs aliased to donated arguments, temporaries
-    (activations, workspace) and `peak_bytes` = arguments + outputs - aliased + temporaries,
-    an upper bound on what the call holds at once. None where the backend does not report it.
-    """
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if stats is None:
-        return None
-    memory = {
-        name: int(getattr(stats, f"{name}_size_in_bytes"))
-        for name in ("argument", "output", "alias", "temp")
-    }
-    memory["peak"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
-    return {f"{name}_bytes": value for name, value in memory.items()}
-
-
-def is_oom(error: BaseException) -> bool:
-    """True for a device out-of-memory error (at compile or run time)."""
-    text = f"{type(error).__name__}: {error}".lower()
-    return "resource_exhausted" in text or "out of memory" in text or "oom" in text.split()
+compiled_memory = xla_analysis.memory_bytes  # per device; `peak_bytes` includes the code
+is_oom = xla_analysis.is_oom
 
 
 def row(
@@ -91,7 +71,8 @@ def row(
 ) -> dict[str, Any]:
     """One result row (shared with launch/benchmark_peer.py). `seconds` is the median time
     of one unit (a train step; one sampling / bpd / feature call) processing `images`
-    images; `flops` are per device per unit; `peak` is the per-device peak in TFLOP/s."""
+    images; `flops` are per device per unit; `peak` is the per-device peak in TFLOP/s
+    (`environment.peak_tflops`: `xla_analysis.CHIPS`)."""
     tflops = flops / seconds / 1e12 if flops and seconds > 0 else None
     return {
         "task": task,
