@@ -36,7 +36,6 @@ import errno
 import json
 import logging
 import math
-import os
 import re
 import sys
 import threading
@@ -52,7 +51,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from diffusion_jax import errors, logs, models
+from diffusion_jax import errors, files, logs, models
 
 
 class CheckpointError(errors.UserError):
@@ -116,7 +115,7 @@ class _FileRecorder:
         unfinished = sorted(self.directory.glob(f"{self.step}.orbax-checkpoint-tmp*"))
         step_dir = unfinished[-1] if unfinished else self.directory / str(self.step)
         record = {"files": {rel: [size, crc] for rel, size, crc in _files(step_dir)}}
-        write_atomic(step_dir / FILES_NAME, json.dumps(record, sort_keys=True).encode())
+        files.write_atomic(step_dir / FILES_NAME, json.dumps(record, sort_keys=True).encode())
 
 
 @contextlib.contextmanager
@@ -672,7 +671,7 @@ def config_path(workdir: str | epath.Path) -> epath.Path:
 def write_config(workdir: str | epath.Path, config: ml_collections.ConfigDict) -> None:
     path = config_path(workdir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True).encode())
+    files.write_atomic(path, config.to_json_best_effort(indent=2, sort_keys=True).encode())
 
 
 def read_config(workdir: str | epath.Path) -> ml_collections.ConfigDict | None:
@@ -771,11 +770,3 @@ def check_workdir_exists(workdir: str | epath.Path) -> None:
             "run, or import released weights with `python -m diffusion_jax.convert --source SRC "
             "--workdir DIR --config FILE`"
         )
-
-
-def write_atomic(path: epath.Path, data: bytes) -> None:
-    """Writes `data` under a temporary name in the same folder, then renames it into place
-    (replacing an older file), so readers never see a partial file."""
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_bytes(data)
-    tmp.replace(path)

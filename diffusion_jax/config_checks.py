@@ -10,6 +10,7 @@ import jax
 import ml_collections
 
 from diffusion_jax import (
+    MODES,
     errors,
     input_pipeline,
     losses,
@@ -23,7 +24,6 @@ from diffusion_jax.evaluation import Need, evaluator_class, instances
 from diffusion_jax.metrics import quality as quality_metric
 from diffusion_jax.sampling import registry, schedule
 
-MODES = ("train", "distill", "eval", "sample")
 STUDENT_OUTPUTS = ("v", "x0")  # what a distilled student predicts
 # jax.default_matmul_precision names.
 PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
@@ -230,8 +230,7 @@ def validate_config(
 ) -> None:
     """All checks that `mode` ('train' | 'distill' | 'eval' | 'sample') needs; ValueError on
     the first bad value. Training previews sample, so every mode checks the sampler settings."""
-    if mode not in MODES:
-        raise errors.ConfigError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
+    errors.check_choice("mode", mode, MODES)
     num_devices = num_devices or jax.device_count()
     check_model(config)
     check_training(config, num_devices)

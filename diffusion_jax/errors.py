@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 DEBUG_ENV = "DIFFUSION_JAX_DEBUG"
 
@@ -23,6 +23,15 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config value that is not allowed (a ValueError too, for callers that expect one)."""
+
+
+def check_choice(field: str, value: object, allowed: Iterable[object]) -> None:
+    """ConfigError naming `field`, its `value` and the `allowed` ones, unless it is one."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(
+            f"{field}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}"
+        )
 
 
 class InputError(UserError, ValueError):

@@ -90,14 +90,9 @@ STAGES = {"rk4": 4, "heun": 2}
 DEQUANTIZED_BITS_OFFSET = 7.0  # log2(128): y = u / 128 - 1 maps [0, 256) onto [-1, 1)
 
 
-def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise errors.ConfigError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
-
-
 def ode_nfe(num_steps: int, solver: str = "rk4") -> int:
     """Network evaluations of one ODE solve: num_steps x stages (RK4: 4, Heun: 2)."""
-    _check("solver", solver, SOLVERS)
+    errors.check_choice("solver", solver, SOLVERS)
     return int(num_steps) * STAGES[solver]
 
 
@@ -126,7 +121,7 @@ def ode_time_grid(vp: Schedule, num_steps: int, spacing: str = "logsnr") -> jax.
     """The num_steps + 1 points s_0 .. s_K of the integration variable, from t_min to t = 1,
     on the samplers' grids (`grids.spaced`): 'logsnr' uniform in lambda (s = lambda), 'uniform'
     uniform in t (s = t). Returns s [num_steps + 1] float32."""
-    _check("spacing", spacing, SPACINGS)
+    errors.check_choice("spacing", spacing, SPACINGS)
     if num_steps < 1:
         raise errors.ConfigError(f"num_steps={num_steps} must be >= 1")
     t = grids.spaced(vp, vp.t_min, vp.t_max, num_steps, spacing)
@@ -188,10 +183,10 @@ def ode_log_likelihood(
       'log_p' [B, K] (K = 1 for 'exact'), 'prior_logp' [B] = log N(x(1); 0, I),
       'delta_logp' [B, K] = int div, 'z' [B, ...] = x(1), 'nfe' [] int32 (static).
     """
-    _check("model_output_type", model_output_type, ODE_MODEL_OUTPUTS)
-    _check("solver", solver, SOLVERS)
-    _check("divergence", divergence, DIVERGENCES)
-    _check("probe", probe, PROBES)
+    errors.check_choice("model_output_type", model_output_type, ODE_MODEL_OUTPUTS)
+    errors.check_choice("solver", solver, SOLVERS)
+    errors.check_choice("divergence", divergence, DIVERGENCES)
+    errors.check_choice("probe", probe, PROBES)
     if num_probes < 1:
         raise errors.ConfigError(f"num_probes={num_probes} must be >= 1")
     y = jnp.asarray(y, jnp.float32)

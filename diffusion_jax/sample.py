@@ -30,6 +30,7 @@ from diffusion_jax import (
     config_checks,
     distributed,
     errors,
+    files,
     generation,
     input_pipeline,
     logs,
@@ -76,7 +77,7 @@ def check_sample_settings(directory: epath.Path, settings: dict[str, Any]) -> No
             )
     elif logs.is_chief():
         directory.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_atomic(path, json.dumps(settings, indent=2, sort_keys=True).encode())
+        files.write_atomic(path, json.dumps(settings, indent=2, sort_keys=True).encode())
 
 
 def _missing_shards(directory: epath.Path, num_shards: int) -> list[int]:
@@ -127,7 +128,7 @@ def write_sample_shards(
         if logs.is_chief():
             buffer = io.BytesIO()
             np.savez(buffer, image=images, label=np.asarray(labels, np.int32))
-            checkpoint.write_atomic(shard_path(directory, index), buffer.getvalue())
+            files.write_atomic(shard_path(directory, index), buffer.getvalue())
         rate = n * batch / max(time.perf_counter() - start, 1e-9)
         left = (len(todo) - n) * batch / rate
         done = num_shards - len(missing) + n

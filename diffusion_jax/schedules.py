@@ -27,13 +27,6 @@ MODEL_VAR_TYPES = ("fixed_large", "fixed_small", "learned", "learned_range")
 LEARNED_VARIANCE = ("learned", "learned_range")  # the network also outputs the variance
 
 
-def _check_choice(field: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise errors.ConfigError(
-            f"{field}={value!r} is not supported; allowed: {', '.join(allowed)}"
-        )
-
-
 def cosine_alphas_cumprod(t: np.ndarray, num_timesteps: int, s: float = 0.008) -> np.ndarray:
     """IDDPM eq. 17: alphabar(t) = f(t) / f(0), f(t) = cos(((t/T + s) / (1 + s)) * pi/2)^2."""
     f = lambda u: np.cos((u / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
@@ -52,7 +45,7 @@ def get_beta_schedule(
     Betas are clipped to `max_beta` where a schedule would reach 1 (cosine, jsd), as IDDPM
     does: beta = 1 makes alphabar_T = 0, where x0 from eps, the prior term and every ODE
     solver (log alpha = -inf) are not finite."""
-    _check_choice("diffusion.schedule", name, SCHEDULES)
+    errors.check_choice("diffusion.schedule", name, SCHEDULES)
     if int(num_timesteps) != num_timesteps or num_timesteps < 1:
         raise errors.ConfigError(
             f"diffusion.num_timesteps={num_timesteps!r} must be an integer >= 1"
@@ -197,8 +190,8 @@ def make_diffusion(
     use_timesteps: Sequence[int] | None = None,
 ) -> Diffusion:
     """Builds the `Diffusion` pytree from float64 betas [T], optionally respaced to a subset."""
-    _check_choice("diffusion.model_output", model_output, MODEL_OUTPUTS)
-    _check_choice("diffusion.model_var_type", model_var_type, MODEL_VAR_TYPES)
+    errors.check_choice("diffusion.model_output", model_output, MODEL_OUTPUTS)
+    errors.check_choice("diffusion.model_var_type", model_var_type, MODEL_VAR_TYPES)
     betas = np.asarray(betas, np.float64)
     check_betas(betas)
     timesteps = np.arange(len(betas))

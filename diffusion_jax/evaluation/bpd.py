@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_jax import (
-    checkpoint,
+    files,
     generation,
     input_pipeline,
     likelihood,
@@ -144,7 +144,7 @@ class BitsPerDim:
             buffer = io.BytesIO()
             np.savez(buffer, **{k: result[k] for k in ("rate", "distortion", "vb")})
             path = ctx.eval_dir / f"rate_distortion_{step:08d}.npz"
-            checkpoint.write_atomic(path, buffer.getvalue())
+            files.write_atomic(path, buffer.getvalue())
             record["pictures"] = {
                 "rate_distortion": visualize.rate_distortion_image(
                     result["rate"], result["distortion"]

@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import checkpoint, distributed, errors, input_pipeline, logs, sample
+from diffusion_jax import distributed, errors, files, input_pipeline, logs, sample
 from diffusion_jax.evaluation import base
 from diffusion_jax.metrics import fid, inception
 
@@ -110,7 +110,7 @@ def reference_statistics(
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     fid.save_statistics(buffer, mu, sigma)
-    checkpoint.write_atomic(path, buffer.getvalue())
+    files.write_atomic(path, buffer.getvalue())
     return mu, sigma, path
 
 

@@ -26,6 +26,7 @@ from diffusion_jax import (
     distill,
     distributed,
     errors,
+    files,
     generation,
     logs,
     visualize,
@@ -66,7 +67,7 @@ def append_metrics(path: epath.Path, record: dict[str, Any]) -> None:
         old += "\n"
     line = json.dumps({k: _json_safe(v) for k, v in record.items()}, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_atomic(path, (old + line + "\n").encode())
+    files.write_atomic(path, (old + line + "\n").encode())
 
 
 class Job:

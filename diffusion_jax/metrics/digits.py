@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_jax import files
 from diffusion_jax.metrics import fid
 
 __all__ = [
@@ -257,17 +258,12 @@ def _save(path: Path, classifier: DigitsClassifier, key: str) -> None:
     arrays = {"key": np.asarray(key)}
     for i, (w, b) in enumerate(classifier.layers):
         arrays[f"w{i}"], arrays[f"b{i}"] = w, b
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
     except OSError as err:
         warnings.warn(f"could not cache the digits classifier at {path}: {err}", stacklevel=3)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _load(path: Path, recipe: ClassifierRecipe, key: str) -> DigitsClassifier | None:

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import distributed, errors
+from diffusion_jax import distributed, errors, files
 from diffusion_jax.torch_pickle import load_torch_state_dict
 
 __all__ = [
@@ -585,20 +585,17 @@ def inception_weights_path(
         raise InceptionWeightsUnavailable(
             _unavailable_message(target, "not cached and downloads are disabled")
         )
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        download(FID_WEIGHTS_URL, tmp)
-        digest = _sha256(tmp)
-        if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
-            raise errors.InputError(f"downloaded file has sha256 {digest}")
-        os.replace(tmp, target)
+        with files.atomic_path(target) as tmp:
+            download(FID_WEIGHTS_URL, tmp)
+            digest = _sha256(tmp)
+            if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
+                raise errors.InputError(f"downloaded file has sha256 {digest}")
     except Exception as err:
         raise InceptionWeightsUnavailable(
             _unavailable_message(target, f"not cached and the download failed: {err!r}")
         ) from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

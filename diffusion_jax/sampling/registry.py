@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_jax.errors import ConfigError
+from diffusion_jax.errors import ConfigError, check_choice
 from diffusion_jax.sampling import grids, schedule, steppers
 from diffusion_jax.sampling.schedule import ODE_MODEL_OUTPUTS, Schedule
 from diffusion_jax.sampling.steppers import Stepper
@@ -107,10 +107,7 @@ def validate(sampling: Any, num_timesteps: int, model_output: str | None = None)
     denoise_to_zero with a sampler that always ends at sigma = 0 (the chain, heun), and (when
     given) a model output without a form at arbitrary times (xprev) for a time-grid sampler."""
     method = sampling.get("method", "ancestral")
-    if method not in METHODS:
-        raise ConfigError(
-            f"sampling.method={method!r} is not supported; allowed: {_allowed(METHODS)}"
-        )
+    check_choice("sampling.method", method, METHODS)
     respacing = sampling.get("respacing", "")
     name = method_name(sampling, respacing)
     m = METHODS[name]
@@ -134,10 +131,8 @@ def validate(sampling: Any, num_timesteps: int, model_output: str | None = None)
     for method_with, field in VARIANT_FIELD.items():
         value = sampling.get(field, "")
         allowed = METHODS[method_with].variants
-        if value and value not in allowed:
-            raise ConfigError(
-                f"sampling.{field}={value!r} is not supported; allowed: {_allowed(allowed)}"
-            )
+        if value:
+            check_choice(f"sampling.{field}", value, allowed)
     if int(num_steps) != num_steps or not 0 <= num_steps <= T:
         raise ConfigError(
             f"sampling.num_steps={num_steps!r} must be 0 (not given) or lie in [1, {T}]"
