@@ -8,7 +8,7 @@ inputs (ShapeDtypeStructs): nothing is allocated and no parameter is initialised
 
 - 'train': `train_step.compile_train_fn` at `training.batch_size` and `training.steps_per_call`
   (for a distillation config, `distill.compile_distill_fn`: the step of `--mode distill`);
-- 'preview': the training previews' sampler (`train.preview_sampler`) at
+- 'preview': the training previews' sampler (`tasks.preview_sampler`) at
   `sampling.preview_num`, counting the train state that stays on the devices while it runs
   (`build_programs`), so that its `fits` means it fits during training; only when
   `training.sample_every` > 0 (a run draws no previews otherwise);
@@ -52,13 +52,11 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from diffusion_jax import (  # noqa: E402
-    distill,
     distributed,
     errors,
     generation,
     input_pipeline,
-    schedules,
-    train_step,
+    tasks,
     xla_analysis,
 )
 from diffusion_jax import state as state_lib  # noqa: E402
@@ -183,7 +181,7 @@ def build_programs(
 ) -> list[Program]:
     """The jitted functions a run of `config` calls, with abstract inputs for `topo`.
 
-    'preview' is the sampler a training run builds for its first preview (`train.
+    'preview' is the sampler a training run builds for its first preview (`tasks.
     preview_sampler` after `training.sample_every` steps rounded up to a whole call of
     `training.steps_per_call`; a distillation's is that round's student), drawing
     `sampling.preview_num` samples from the EMA parameters. The run keeps its whole train
@@ -200,6 +198,7 @@ def build_programs(
     data_shape = input_pipeline.data_shape(config)
     key = _abstract((2,), np.uint32, repl)
     image = input_pipeline.is_image_data(config)
+    task = tasks.for_config(config)
     programs = []
     if "train" in names:
         k, b = int(config.training.steps_per_call), int(config.training.batch_size)
@@ -208,20 +207,12 @@ def build_programs(
             "image": _abstract((k, b, *data_shape), np.float32, stacked),
             "label": _abstract((k, b), np.int32, stacked),
         }
-        tx = state_lib.make_optimizer(config.training)
-        if state_lib.distilling(config):  # the step of `--mode distill`
-            fn = distill.compile_distill_fn(config, apply, tx, mesh, distill.plan(config))
-        else:
-            diffusion = schedules.diffusion_from_config(config.diffusion)
-            fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
+        fn = task.compile_step(apply, state_lib.make_optimizer(config), mesh)
         programs.append(Program("train", fn, (state, batches), k, "steps", mesh))
     if "preview" in names and int(config.training.sample_every) > 0:
-        from diffusion_jax import train
-
-        rounds = distill.plan(config) if state_lib.distilling(config) else None
         per_call = int(config.training.steps_per_call)
-        step = min(_round_up(config.training.sample_every, per_call), distill.final_step(config))
-        fn = train.preview_sampler(config, apply, mesh, rounds, step)
+        step = min(_round_up(config.training.sample_every, per_call), task.total_steps)
+        fn = tasks.preview_sampler(task, apply, mesh, step)
         b = int(config.sampling.preview_num)
         args = (state.ema_params, key, _abstract((b,), np.int32, sharded))
         resident = device_bytes(state) - device_bytes(state.ema_params)

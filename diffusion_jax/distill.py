@@ -181,7 +181,7 @@ def distill_step(
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     new_state = train_step.apply_gradients(state, grads, loss, tx, config.training.ema_decay)
-    lr = float(config.training.learning_rate) * (1.0 - (state.step % per_round) / per_round)
+    lr = state_lib.learning_rate_schedule(config)(state.step % per_round)  # Adam's count
     metrics = {
         "loss": loss,
         "grad_norm": optax.global_norm(grads),

@@ -47,21 +47,22 @@ def abstract_model(config: ml_collections.ConfigDict) -> nnx.Module:
     return nnx.eval_shape(lambda: models.build_model(config, nnx.Rngs(0)))
 
 
-def learning_rate_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0 to `training.learning_rate` over `training.warmup_steps`, then
-    constant (DDPM §4: warmup 5000)."""
-    warmup = max(int(training.warmup_steps), 1)
-    return optax.linear_schedule(0.0, float(training.learning_rate), warmup)
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate by the optimiser's update count: a linear warmup from 0 to
+    `training.learning_rate` over `training.warmup_steps`, then constant (DDPM §4: warmup
+    5000); for a distillation a linear decay to 0 over each round, whose optimiser restarts
+    (Salimans & Ho 2022, `distill.distill_step`)."""
+    lr = float(config.training.learning_rate)
+    if distilling(config):
+        return optax.linear_schedule(lr, 0.0, int(config.distill.steps_per_round))
+    return optax.linear_schedule(0.0, lr, max(int(config.training.warmup_steps), 1))
 
 
-def make_optimizer(
-    training: ml_collections.ConfigDict, schedule: optax.Schedule | None = None
-) -> optax.GradientTransformation:
-    """Adam with global-norm clipping and `schedule` (of the optimiser's update count; default
-    the warmup schedule, DDPM §4)."""
-    parts = [optax.adam(schedule or learning_rate_schedule(training))]
-    if training.grad_clip > 0:
-        parts.insert(0, optax.clip_by_global_norm(training.grad_clip))
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam with global-norm clipping (`training.grad_clip`) and `learning_rate_schedule`."""
+    parts = [optax.adam(learning_rate_schedule(config))]
+    if config.training.grad_clip > 0:
+        parts.insert(0, optax.clip_by_global_norm(config.training.grad_clip))
     return optax.chain(*parts)
 
 
@@ -73,11 +74,7 @@ def init_train_state(
     run then loads the teacher's, `distill.init_state`)."""
     model = models.build_model(config, nnx.Rngs(params=config.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    schedule = None
-    if distilling(config):  # the optimiser restarts each round (`distill.distill_step`)
-        lr, steps = float(config.training.learning_rate), int(config.distill.steps_per_round)
-        schedule = optax.linear_schedule(lr, 0.0, steps)
-    tx = make_optimizer(config.training, schedule)
+    tx = make_optimizer(config)
     history = None
     if config.diffusion.timestep_sampler == "loss_aware":
         history = timestep_sampler.init_loss_history(

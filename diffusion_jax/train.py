@@ -1,5 +1,6 @@
-"""The training loop: data-parallel steps (`train_step.py`, or `distill.py` for progressive
-distillation) over a device mesh, logs, previews, checkpoints, preemption and the final report.
+"""The training loop: the steps of a task (`tasks.py`: training, or progressive distillation)
+data-parallel over a device mesh, logs, previews, checkpoints, preemption and the final report.
+The loop is the same for every task.
 
 The train step's keys and the input pipeline are functions of the step, so a resumed run
 continues exactly as an uninterrupted one would.
@@ -11,28 +12,23 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 from diffusion_jax import (
     checkpoint,
     config_checks,
-    distill,
     distributed,
     errors,
     generation,
     input_pipeline,
     logs,
-    schedules,
     streams,
-    train_step,
+    tasks,
     visualize,
 )
 from diffusion_jax import state as state_lib
@@ -115,12 +111,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
 
 
 def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
-    rounds = distill.plan(config) if state_lib.distilling(config) else None
-    config_checks.validate_config(config, "distill" if rounds else "train")
+    task = tasks.for_config(config)
+    config_checks.validate_config(config, task.mode)
     workdir = epath.Path(workdir)
     checkpoint.check_compatible(workdir, config)
-    if rounds and not checkpoint.checkpoint_steps(workdir):  # a resumed run's checkpoint
-        distill.teacher_config(config)  # holds its teacher: only a fresh start reads this one
+    task.prepare(workdir)
     mesh = distributed.make_mesh()
     is_chief = jax.process_index() == 0
     if is_chief:
@@ -131,34 +126,29 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     repl = distributed.replicated(mesh)
     state = jax.device_put(state, repl)
-    # A distillation checkpoints and keeps every round's last student.
-    round_end = rounds.steps_per_round if rounds else 0
-    keep_every = round_end or config.training.keep_every
+    # Checkpoints at the task's boundaries (a distillation's rounds) are written and kept.
+    keep_every = task.boundary or config.training.keep_every
     mngr = checkpoint.manager(workdir / "checkpoints", config.training.keep, keep_every)
     latest, state = checkpoint.restore_newest(mngr, state, move_damaged=True)
     if latest is not None:
         print(f"Resumed from {workdir / 'checkpoints'} at step {latest}.", flush=True)
-    elif rounds:
-        state = distill.load_teacher(config, state, tx, mesh)
+    else:
+        state = task.first_state(state, tx, mesh)
     start_step = int(state.step)
     last_good = latest
     pending, last_complete = None, latest  # the save being written, the newest complete one
 
     apply = generation.model_apply(graphdef, rest)
-    diffusion = schedules.diffusion_from_config(config.diffusion)
-    if rounds:
-        train_fn = distill.compile_distill_fn(config, apply, tx, mesh, rounds)
-    else:
-        train_fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
+    train_fn = task.compile_step(apply, tx, mesh)
     previews = {}  # by sampler steps: a distillation's students sample with their own
 
     def preview(step: int):
-        n = _sampling_at(config, rounds, step).sampling.num_steps
+        n = task.sampling_config(step).sampling.num_steps
         if n not in previews:  # every process takes part in the sharded sampler
-            previews[n] = preview_sampler(config, apply, mesh, rounds, step)
+            previews[n] = tasks.preview_sampler(task, apply, mesh, step)
         return previews[n]
 
-    total = distill.final_step(config)
+    total = task.total_steps
     per_call = config.training.steps_per_call
     data = input_pipeline.create_train_iterator(
         config,
@@ -170,7 +160,7 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     if start_step == 0:
         writer.write_hparams(logs.hparams(config))
     print(
-        f"{'Distilling' if rounds else 'Training'} {config.model.name} ({num_params:,} "
+        f"{task.verb} {config.model.name} ({num_params:,} "
         f"parameters) on {config.data.name} with "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), global batch "
         f"{config.training.batch_size}, steps {start_step} -> {total}. Workdir: {workdir}",
@@ -180,13 +170,13 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     # XLA:CPU (simulated multi-device runs) can deadlock in a collective when many sharded
     # steps are queued at once, so there a step is finished before the next is dispatched.
     throttle = jax.default_backend() == "cpu" and mesh.size > 1
-    if rounds and start_step < total:
-        print(rounds.describe(start_step // rounds.steps_per_round), flush=True)
+    if start_step < total and task.announce(start_step):
+        print(task.announce(start_step), flush=True)
     step, tick, tick_step = start_step, time.perf_counter(), start_step
     input_s = 0.0  # host time spent waiting for batches since the last log line
     stop = False
     while step < total:
-        k = call_length(step, per_call, total, round_end)
+        k = call_length(step, per_call, total, task.boundary)
         wait = time.perf_counter()
         local = [next(data) for _ in range(k)]
         input_s += time.perf_counter() - wait
@@ -196,8 +186,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
             jax.block_until_ready(metrics)
         before, step = step, step + k
         stop = preemption.stop_requested(mngr, step)
-        if crossed(before, step, round_end) and step < total:
-            print(rounds.describe(step // rounds.steps_per_round), flush=True)
+        if crossed(before, step, task.boundary) and step < total and task.announce(step):
+            print(task.announce(step), flush=True)
         if crossed(before, step, config.training.log_every) or step == total or stop:
             _check_finite(state, workdir, last_good)
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -220,7 +210,7 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
             _write_preview(config, preview(step), state, step, workdir, writer, is_chief)
         if (
             crossed(before, step, config.training.checkpoint_every)
-            or crossed(before, step, round_end)
+            or crossed(before, step, task.boundary)
             or step == total
             or stop
         ):
@@ -249,39 +239,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     if hasattr(data, "close"):
         data.close()
     if not stop and config.training.final_samples:
-        _final_report(_sampling_at(config, rounds, step), apply, mesh, state, workdir)
+        _final_report(task.sampling_config(step), apply, mesh, state, workdir)
     return state
-
-
-def _sampling_at(
-    config: ml_collections.ConfigDict, rounds: distill.Plan | None, step: int
-) -> ml_collections.ConfigDict:
-    """`config`, or for a distillation a copy sampling with the steps of the model after
-    `step` updates (its round's student)."""
-    if rounds is None:
-        return config
-    config = config.copy_and_resolve_references()
-    config.sampling.num_steps = rounds.student_steps(rounds.round_of(step))
-    return config
-
-
-def preview_sampler(
-    config: ml_collections.ConfigDict,
-    apply: Callable[..., jax.Array],
-    mesh: Mesh,
-    rounds: distill.Plan | None,
-    step: int,
-) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
-    """The jitted sampler of the training preview after `step` updates: `sampling.
-    preview_num` samples with `sampling.preview_respacing`, or for a distillation with the
-    steps of that round's student on its own grid (`_sampling_at`)."""
-    return generation.make_sampler(
-        _sampling_at(config, rounds, step),
-        apply,
-        mesh,
-        config.sampling.preview_num,
-        "" if rounds else config.sampling.preview_respacing,  # students: their grid
-    )
 
 
 def _final_report(config, apply, mesh, state, workdir: epath.Path) -> None:

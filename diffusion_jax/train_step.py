@@ -68,7 +68,7 @@ def train_step(
         "mse": jnp.mean(terms["mse"]),
         "vb": jnp.mean(terms["vb"]),
         "grad_norm": optax.global_norm(grads),
-        "learning_rate": state_lib.learning_rate_schedule(config.training)(state.step),
+        "learning_rate": state_lib.learning_rate_schedule(config)(state.step),
     }
     return new_state, metrics
 

@@ -80,7 +80,7 @@ def _compile_train(mesh):
         config,
         generation.model_apply(graphdef, rest),
         schedules.diffusion_from_config(config.diffusion),
-        state_lib.make_optimizer(config.training),
+        state_lib.make_optimizer(config),
         mesh,
     )
     batch = {

@@ -130,7 +130,7 @@ class Benchmark:
             start = time.perf_counter()
             cfg = self.config_for("float32")
             repl = distributed.replicated(self.mesh)
-            self._tx = state_lib.make_optimizer(cfg.training)
+            self._tx = state_lib.make_optimizer(cfg)
             if self.opts.init == "model":
                 state = jax.jit(lambda: state_lib.init_train_state(cfg)[2], out_shardings=repl)()
             elif self.opts.init == "host":
