@@ -255,7 +255,7 @@ def test_training_resumes_from_the_newest_readable_checkpoint(workdir, trained, 
     assert "Traceback" not in out + err and "Event loop is closed" not in out + err
     (line,) = [line for line in (out + err).splitlines() if "unreadable" in line]
     assert line.startswith("Checkpoint 6 in ") and "is unreadable: default/" in line
-    assert "truncated (1000 of " in line and "using step 4" in line
+    assert ": truncated (" in line and "using step 4" in line
     assert "Resumed from" in out and "at step 4." in out
     (moved,) = (workdir / "checkpoints").glob("6.damaged-*")
     assert moved.name in line and listing(moved) == damaged  # kept as it was

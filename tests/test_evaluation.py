@@ -432,7 +432,7 @@ def test_eval_job_records_an_unreadable_checkpoint_as_skipped_and_never_retries_
     lines = read_lines(workdir)
     assert [r["step"] for r in lines] == [1, 2, 3]
     assert "skipped" not in lines[0] and "skipped" not in lines[2]
-    assert lines[1]["skipped"].startswith("unreadable checkpoint: array ")
+    assert lines[1]["skipped"].startswith("unreadable checkpoint: default/")
     assert "truncated" in lines[1]["skipped"]
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "Event loop is closed" not in out + err
@@ -468,7 +468,7 @@ def test_eval_job_with_no_readable_checkpoint_is_one_error(workdir, capfd, monke
         job.evaluate_checkpoints(config, workdir)
     message = str(info.value)
     assert "\n" not in message and message.startswith("no readable checkpoint in ")
-    assert all(f"step {s}: array " in message for s in (1, 2, 3))
+    assert all(f"step {s}: default/" in message for s in (1, 2, 3))
     assert [r["step"] for r in read_lines(workdir) if "skipped" in r] == [1, 2, 3]
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err and "Event loop is closed" not in out + err
