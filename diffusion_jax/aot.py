@@ -57,7 +57,7 @@ from diffusion_jax import (  # noqa: E402
     errors,
     generation,
     input_pipeline,
-    schedules,
+    process,
     train_step,
 )
 from diffusion_jax import state as state_lib  # noqa: E402
@@ -224,7 +224,7 @@ def build_programs(
         if state_lib.distilling(config):  # the step of `--mode distill`
             fn = distill.compile_distill_fn(config, apply, tx, mesh, distill.plan(config))
         else:
-            diffusion = schedules.diffusion_from_config(config.diffusion)
+            diffusion = process.from_config(config.diffusion)
             fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
         programs.append(Program("train", fn, (state, batches), k, "steps", mesh))
     if "preview" in names and int(config.training.sample_every) > 0:

@@ -30,7 +30,7 @@ from diffusion_jax import (
     generation,
     input_pipeline,
     logs,
-    schedules,
+    process,
     streams,
     train_step,
     visualize,
@@ -145,7 +145,7 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     pending, last_complete = None, latest  # the save being written, the newest complete one
 
     apply = generation.model_apply(graphdef, rest)
-    diffusion = schedules.diffusion_from_config(config.diffusion)
+    diffusion = process.from_config(config.diffusion)
     if rounds:
         train_fn = distill.compile_distill_fn(config, apply, tx, mesh, rounds)
     else:
