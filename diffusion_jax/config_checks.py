@@ -16,13 +16,14 @@ from diffusion_jax import (
     losses,
     models,
     ode_likelihood,
+    process,
     schedules,
     state,
     timestep_sampler,
 )
 from diffusion_jax.evaluation import Need, evaluator_class, instances
 from diffusion_jax.metrics import quality as quality_metric
-from diffusion_jax.sampling import registry, schedule
+from diffusion_jax.sampling import registry
 
 STUDENT_OUTPUTS = ("v", "x0")  # what a distilled student predicts
 # jax.default_matmul_precision names.
@@ -65,7 +66,7 @@ def check_model(config: ml_collections.ConfigDict) -> None:
         config.diffusion.beta_start,
         config.diffusion.beta_end,
     )
-    schedules.diffusion_from_config(config.diffusion)  # parameterisation names
+    process.from_config(config.diffusion)  # parameterisation names
     _choice(config, "diffusion.loss_type", losses.LOSS_TYPES)
     _choice(config, "diffusion.timestep_sampler", timestep_sampler.SAMPLERS)
     _positive(config, ("diffusion.beta_start", "diffusion.beta_end"))
@@ -217,7 +218,7 @@ def check_evaluation(config: ml_collections.ConfigDict) -> None:
     _choice(config, "eval.ode_probe", ode_likelihood.PROBES)
     _positive(config, ("eval.ode_num_steps", "eval.ode_num_probes"))
     if "ode_bpd" in kinds:
-        _choice(config, "diffusion.model_output", schedule.ODE_MODEL_OUTPUTS)
+        _choice(config, "diffusion.model_output", process.ODE_MODEL_OUTPUTS)
     if 0 < config.eval.num_samples < config.eval.is_splits:
         raise errors.ConfigError(
             f"config.eval.num_samples={config.eval.num_samples} is fewer than the "

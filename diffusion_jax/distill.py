@@ -39,9 +39,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpoint, errors, streams, train_step
+from diffusion_jax import checkpoint, errors, process, streams, train_step
 from diffusion_jax import state as state_lib
-from diffusion_jax.sampling import grids, schedule, steppers
+from diffusion_jax.sampling import grids, steppers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +102,9 @@ def final_step(config: ml_collections.ConfigDict) -> int:
 
 def time_table(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """t_model, alpha and sigma at t = j / start_steps, j = 0..start_steps (float64 [J + 1]),
-    on the schedule of `config.diffusion` (`sampling.schedule`, as the samplers read it)."""
+    on the schedule of `config.diffusion` (`process.NoiseProcess`, as the samplers read it)."""
     t = grids.trailing(int(config.distill.start_steps))[::-1]
-    return steppers.point(schedule.from_config(config.diffusion), t)
+    return steppers.point(process.from_config(config.diffusion), t)
 
 
 def ddim_target(
@@ -166,7 +166,7 @@ def distill_step(
 
     def predict(params, z, k, dropout_key=None):
         out = apply(params, z, table["t_model"][k], labels, dropout_key)
-        return schedule.eps_and_x0(output, out, z, table["alpha"][k], table["sigma"][k])
+        return process.eps_and_x0(output, out, z, table["alpha"][k], table["sigma"][k])
 
     teacher = functools.partial(predict, jax.lax.stop_gradient(state.teacher_params))
     target = jax.lax.cond(

@@ -12,15 +12,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import mean_flat, predict_eps_from_x0, q_sample
-from diffusion_jax.losses import prior_bpd, vb_terms_bpd
-from diffusion_jax.schedules import Diffusion
+from diffusion_jax.losses import mean_flat, prior_bpd, vb_terms_bpd
+from diffusion_jax.process import NoiseProcess, q_sample
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def calc_bpd_loop(
-    diffusion: Diffusion,
+    diffusion: NoiseProcess,
     denoise_fn: DenoiseFn,
     x_start: jax.Array,
     key: jax.Array,
@@ -34,18 +33,18 @@ def calc_bpd_loop(
     scale, the distortion of §4.3) and eps_mse [B, T].
     """
     batch = x_start.shape[0]
+    timesteps = jnp.asarray(diffusion.timesteps, jnp.int32)  # the network's timestep per position
 
     def term(_, i):
         t = jnp.full((batch,), i, jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, i), x_start.shape, x_start.dtype)
         x_t = q_sample(diffusion, x_start, t, noise)
-        output = denoise_fn(x_t, diffusion.timesteps[t])
-        vb, pred_x0 = vb_terms_bpd(diffusion, output, x_start, x_t, t, clip_denoised)
-        eps = predict_eps_from_x0(diffusion, x_t, t, pred_x0)
+        output = denoise_fn(x_t, timesteps[t])
+        vb, p = vb_terms_bpd(diffusion, output, x_start, x_t, t, clip_denoised)
         return None, (
             vb,
-            mean_flat(jnp.square(pred_x0 - x_start)),
-            mean_flat(jnp.square(eps - noise)),
+            mean_flat(jnp.square(p.pred_x0 - x_start)),
+            mean_flat(jnp.square(p.pred_eps - noise)),
         )
 
     steps = jnp.arange(diffusion.num_timesteps - 1, -1, -1)

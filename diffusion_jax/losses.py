@@ -13,21 +13,26 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import errors
-from diffusion_jax.diffusion import (
-    LEARNED_VARIANCE,
-    mean_flat,
+from diffusion_jax.process import (
+    NoiseProcess,
+    PMeanVariance,
     p_mean_variance,
     q_mean_variance,
     q_posterior_mean_variance,
     q_sample,
     training_target,
 )
-from diffusion_jax.schedules import Diffusion
+from diffusion_jax.schedules import LEARNED_VARIANCE
 
 LOSS_TYPES = ("mse", "kl", "hybrid")
 LOG2 = math.log(2.0)
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t [B, ...], t [B]) -> output
+
+
+def mean_flat(x: jax.Array) -> jax.Array:
+    """Mean over all non-batch axes: [B, ...] -> [B]."""
+    return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
@@ -103,7 +108,7 @@ def discretized_gaussian_log_likelihood(
     return jnp.maximum(log_probs, LOG_PROB_FLOOR)
 
 
-def prior_bpd(diffusion: Diffusion, x_start: jax.Array) -> jax.Array:
+def prior_bpd(diffusion: NoiseProcess, x_start: jax.Array) -> jax.Array:
     """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, [B]."""
     t = jnp.full(x_start.shape[:1], diffusion.num_timesteps - 1, jnp.int32)
     mean, _, log_variance = q_mean_variance(diffusion, x_start, t)
@@ -111,17 +116,18 @@ def prior_bpd(diffusion: Diffusion, x_start: jax.Array) -> jax.Array:
 
 
 def vb_terms_bpd(
-    diffusion: Diffusion,
+    diffusion: NoiseProcess,
     model_output: jax.Array,
     x_start: jax.Array,
     x_t: jax.Array,
     t: jax.Array,
     clip_denoised: bool = False,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, PMeanVariance]:
     """One term of the bound (eq. 5) in bits/dim, [B]: L_{t-1} for t > 1, L_0 at t = 1.
 
     L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)); L_0 = -log p_theta(x_0 | x_1)
-    under the discretized Gaussian decoder (eq. 13). Also returns x0_hat.
+    under the discretized Gaussian decoder (eq. 13). Also returns p_theta's `PMeanVariance`
+    (with x0_hat and eps_hat).
     """
     true_mean, _, true_log_variance = q_posterior_mean_variance(diffusion, x_start, x_t, t)
     out = p_mean_variance(diffusion, model_output, x_t, t, clip_denoised=clip_denoised)
@@ -130,11 +136,11 @@ def vb_terms_bpd(
         -mean_flat(discretized_gaussian_log_likelihood(x_start, out.mean, 0.5 * out.log_variance))
         / LOG2
     )
-    return jnp.where(t == 0, decoder_nll, kl), out.pred_x0
+    return jnp.where(t == 0, decoder_nll, kl), out
 
 
 def training_losses(
-    diffusion: Diffusion,
+    diffusion: NoiseProcess,
     model_fn: ModelFn,
     x_start: jax.Array,
     t: jax.Array,

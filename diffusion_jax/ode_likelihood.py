@@ -2,7 +2,7 @@
 "Score-Based Generative Modeling through Stochastic Differential Equations", §4.3 and
 appendix D.2; reference code score_sde `likelihood.py`).
 
-The chain is viewed in continuous time as in `sampling.schedule` (DPM-Solver's mapping, t in
+The chain is viewed in continuous time as in `process.NoiseProcess` (DPM-Solver's mapping, t in
 [1/N, 1]). The probability-flow ODE (Song et al. eq. 13) of the VP SDE is
 
     dx/dt = f(t) (x - eps_theta(x, t) / sigma_t),        f(t) = d log(alpha_t) / dt,
@@ -64,7 +64,7 @@ discrete chain defines.
 
 All functions are pure and jit-able (the keyword options are static Python values); the
 denoiser `denoise_fn(x [B, ...], timesteps [B]) -> output` is called with the fractional
-timestep `Schedule.model_timestep(t)`, and closes over class labels for conditional
+timestep `NoiseProcess.model_timestep(t)`, and closes over class labels for conditional
 models.
 """
 
@@ -77,8 +77,8 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import errors
+from diffusion_jax.process import ODE_MODEL_OUTPUTS, NoiseProcess, eps_and_x0
 from diffusion_jax.sampling import grids
-from diffusion_jax.sampling.schedule import ODE_MODEL_OUTPUTS, Schedule, eps_and_x0
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B, ...], timesteps [B]) -> output
 
@@ -117,7 +117,7 @@ def standard_error(per_probe: jax.Array) -> jax.Array:
     return jnp.std(per_image, ddof=1) / jnp.sqrt(per_image.shape[0])
 
 
-def ode_time_grid(vp: Schedule, num_steps: int, spacing: str = "logsnr") -> jax.Array:
+def ode_time_grid(vp: NoiseProcess, num_steps: int, spacing: str = "logsnr") -> jax.Array:
     """The num_steps + 1 points s_0 .. s_K of the integration variable, from t_min to t = 1,
     on the samplers' grids (`grids.spaced`): 'logsnr' uniform in lambda (s = lambda), 'uniform'
     uniform in t (s = t). Returns s [num_steps + 1] float32."""
@@ -129,7 +129,7 @@ def ode_time_grid(vp: Schedule, num_steps: int, spacing: str = "logsnr") -> jax.
 
 
 def _coefficients(
-    vp: Schedule, s: jax.Array, spacing: str
+    vp: NoiseProcess, s: jax.Array, spacing: str
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(t, a, b) with dx/ds = a x + b eps_theta(x, t) at integration variable s (scalar).
 
@@ -146,7 +146,7 @@ def _coefficients(
 
 
 def ode_log_likelihood(
-    vp: Schedule,
+    vp: NoiseProcess,
     model_output_type: str,
     denoise_fn: DenoiseFn,
     y: jax.Array,
@@ -167,7 +167,7 @@ def ode_log_likelihood(
     (Song et al. eq. 39).
 
     Args:
-      vp: the continuous-time view of the full chain (`sampling.schedule.from_config`).
+      vp: the continuous-time view of the full chain (`process.from_config`).
       model_output_type: 'eps', 'x0' or 'v' (learned-variance channels are ignored).
       denoise_fn: (x [B, ...], timesteps [B] float) -> output [B, ..., C or 2C].
       y: [B, ...] float32 data point(s), e.g. `uniform_dequantize` output.
@@ -257,7 +257,7 @@ def ode_log_likelihood(
 
 
 def ode_bpd(
-    vp: Schedule,
+    vp: NoiseProcess,
     model_output_type: str,
     denoise_fn: DenoiseFn,
     x_int: jax.Array,

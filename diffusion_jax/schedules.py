@@ -1,9 +1,10 @@
-"""Noise schedules and the immutable `Diffusion` pytree that every diffusion function takes.
+"""Beta schedules, respacing and the chain's derived quantities (float64 host arrays), from
+which `process.NoiseProcess`, the one noise process, is built.
 
 Beta schedules follow the official DDPM code (`linear`, `quad`, `const`, `jsd`, `warmup10`,
 `warmup50`) and IDDPM (`cosine`, eq. 17 with s = 0.008, betas clipped at 0.999). All derived
 quantities are computed in float64 NumPy and stored as float32 arrays, the same precision
-contract as the reference implementations.
+contract as the reference implementations (`NoiseProcess.array`).
 
 Indexing convention: array index `i` (0-based) is the paper's timestep t = i + 1, so
 `alphas_cumprod[0]` is alphabar_1 and `alphas_cumprod_prev[0]` is alphabar_0 = 1.
@@ -14,10 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from diffusion_jax import errors
 
@@ -124,37 +122,6 @@ def respace_betas(betas: np.ndarray, use_timesteps: Sequence[int]) -> np.ndarray
     return 1.0 - kept / np.append(1.0, kept[:-1])
 
 
-@struct.dataclass
-class Diffusion:
-    """The Gaussian diffusion as an immutable pytree of float32 [N] arrays (N = chain length).
-
-    Array fields are the DDPM quantities (eq. 4, 6, 7); `timesteps[i]` is the original
-    timestep index fed to the network at chain position i (identity unless respaced).
-    `model_output` and `model_var_type` are static: they select the parameterisation.
-    """
-
-    betas: jax.Array
-    alphas_cumprod: jax.Array
-    alphas_cumprod_prev: jax.Array
-    alphas_cumprod_next: jax.Array
-    sqrt_alphas_cumprod: jax.Array
-    sqrt_one_minus_alphas_cumprod: jax.Array
-    log_one_minus_alphas_cumprod: jax.Array
-    sqrt_recip_alphas_cumprod: jax.Array
-    sqrt_recipm1_alphas_cumprod: jax.Array
-    posterior_variance: jax.Array
-    posterior_log_variance_clipped: jax.Array
-    posterior_mean_coef1: jax.Array
-    posterior_mean_coef2: jax.Array
-    timesteps: jax.Array
-    model_output: str = struct.field(pytree_node=False, default="eps")
-    model_var_type: str = struct.field(pytree_node=False, default="fixed_large")
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.betas.shape[0]
-
-
 def schedule_arrays(betas: np.ndarray) -> dict[str, np.ndarray]:
     """All derived schedule quantities in float64 (DDPM eq. 4, 6, 7; IDDPM §3.1)."""
     betas = np.asarray(betas, np.float64)
@@ -181,36 +148,3 @@ def schedule_arrays(betas: np.ndarray) -> dict[str, np.ndarray]:
             posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),  # eq. 7, x_0 term
             posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),  # x_t term
         )
-
-
-def make_diffusion(
-    betas: np.ndarray,
-    model_output: str = "eps",
-    model_var_type: str = "fixed_large",
-    use_timesteps: Sequence[int] | None = None,
-) -> Diffusion:
-    """Builds the `Diffusion` pytree from float64 betas [T], optionally respaced to a subset."""
-    errors.check_choice("diffusion.model_output", model_output, MODEL_OUTPUTS)
-    errors.check_choice("diffusion.model_var_type", model_var_type, MODEL_VAR_TYPES)
-    betas = np.asarray(betas, np.float64)
-    check_betas(betas)
-    timesteps = np.arange(len(betas))
-    if use_timesteps is not None:
-        timesteps = np.asarray(sorted(set(int(t) for t in use_timesteps)))
-        if timesteps.size == 0 or timesteps[0] < 0 or timesteps[-1] >= len(betas):
-            raise ValueError(f"use_timesteps must lie in [0, {len(betas) - 1}]")
-        betas = respace_betas(betas, timesteps)
-    arrays = {k: jnp.asarray(v, jnp.float32) for k, v in schedule_arrays(betas).items()}
-    return Diffusion(
-        **arrays,
-        timesteps=jnp.asarray(timesteps, jnp.int32),
-        model_output=model_output,
-        model_var_type=model_var_type,
-    )
-
-
-def diffusion_from_config(cfg) -> Diffusion:
-    """The full chain's `Diffusion` of `config.diffusion` (training and the likelihood bound;
-    samplers read the same betas through `sampling.schedule`)."""
-    betas = get_beta_schedule(cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
-    return make_diffusion(betas, cfg.model_output, cfg.model_var_type)

@@ -23,7 +23,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpoint, distill, generation, schedules, train_step
+from diffusion_jax import checkpoint, distill, generation, process, train_step
 from diffusion_jax import state as state_lib
 
 Sampler = Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]
@@ -51,7 +51,7 @@ class Training:
         return state
 
     def compile_step(self, apply: Callable[..., jax.Array], tx, mesh: Mesh) -> StepFn:
-        diffusion = schedules.diffusion_from_config(self.config.diffusion)
+        diffusion = process.from_config(self.config.diffusion)
         return train_step.compile_train_fn(self.config, apply, diffusion, tx, mesh)
 
     def sampling_config(self, step: int) -> ml_collections.ConfigDict:

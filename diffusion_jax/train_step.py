@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffusion_jax import distributed, losses, schedules, streams, timestep_sampler
+from diffusion_jax import distributed, losses, streams, timestep_sampler
 from diffusion_jax import state as state_lib
+from diffusion_jax.process import NoiseProcess
 
 
 def train_step(
@@ -27,7 +28,7 @@ def train_step(
     *,
     config: ml_collections.ConfigDict,
     apply: Callable[..., jax.Array],
-    diffusion: schedules.Diffusion,
+    diffusion: NoiseProcess,
     tx: optax.GradientTransformation,
 ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     """One optimisation step on a global batch {'image': [B, H, W, C], 'label': [B]}."""

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion as D
+from diffusion_jax import process as D
 from diffusion_jax import schedules as S
 
 T = 1000
@@ -15,7 +15,7 @@ BETAS = S.get_beta_schedule("linear", T)
 
 
 def make(model_output="eps", var="fixed_large", betas=BETAS):
-    return S.make_diffusion(betas, model_output, var)
+    return D.NoiseProcess(betas, model_output, var)
 
 
 def data(key=0, shape=(6, 4, 4, 3)):
@@ -67,15 +67,19 @@ def test_parameterisation_conversions_round_trip():
     x0, noise, t = data()
     x_t = D.q_sample(d, x0, t, noise)
     close = dict(rtol=1e-4, atol=2e-4)
-    np.testing.assert_allclose(D.predict_x0_from_eps(d, x_t, t, noise), x0, **close)
-    np.testing.assert_allclose(D.predict_eps_from_x0(d, x_t, t, x0), noise, **close)
-    v = D.v_from_x0_eps(d, x0, t, noise)
-    np.testing.assert_allclose(D.predict_x0_from_v(d, x_t, t, v), x0, **close)
-    ab = np.asarray(d.alphas_cumprod)[np.asarray(t)].reshape((-1,) + (1,) * (x0.ndim - 1))
+    alpha = d.at("sqrt_alphas_cumprod", t, x0.ndim)
+    sigma = d.at("sqrt_one_minus_alphas_cumprod", t, x0.ndim)
+    np.testing.assert_allclose(D.eps_and_x0("eps", noise, x_t, alpha, sigma)[1], x0, **close)
+    np.testing.assert_allclose(D.eps_and_x0("x0", x0, x_t, alpha, sigma)[0], noise, **close)
+    v = D.training_target(make("v"), x0, x_t, t, noise)
+    np.testing.assert_allclose(D.eps_and_x0("v", v, x_t, alpha, sigma)[1], x0, **close)
+    ab = d.arrays["alphas_cumprod"][np.asarray(t)].reshape((-1,) + (1,) * (x0.ndim - 1))
     eps_from_v = np.sqrt(1 - ab) * np.asarray(x_t) + np.sqrt(ab) * np.asarray(v)  # v's definition
     np.testing.assert_allclose(eps_from_v, noise, **close)
     mu, _, _ = D.q_posterior_mean_variance(d, x0, x_t, t)
-    np.testing.assert_allclose(D.predict_x0_from_xprev(d, x_t, t, mu), x0, rtol=1e-3, atol=2e-3)
+    coefs = {f"coef{i}": d.at(f"posterior_mean_coef{i}", t, x0.ndim) for i in (1, 2)}
+    x0_from_xprev = D.eps_and_x0("xprev", mu, x_t, alpha, sigma, **coefs)[1]
+    np.testing.assert_allclose(x0_from_xprev, x0, rtol=1e-3, atol=2e-3)
     score = D.score_from_eps(d, t, noise)  # Tweedie: -eps / sqrt(1 - alphabar_t)
     np.testing.assert_allclose(-np.sqrt(1 - ab) * np.asarray(score), noise, rtol=1e-5)
 
@@ -98,7 +102,7 @@ def true_output(d, kind, x0, noise, x_t, t):
         "eps": noise,
         "x0": x0,
         "xprev": D.q_posterior_mean_variance(d, x0, x_t, t)[0],
-        "v": D.v_from_x0_eps(d, x0, t, noise),
+        "v": D.training_target(make("v"), x0, x_t, t, noise),
     }[kind]
 
 
@@ -121,7 +125,7 @@ def test_variance_types_match_float64(var):
     t = t.at[0].set(0)  # include t = 1 (index 0), where fixed_large differs from beta_1
     x_t = D.q_sample(d, x0, t, noise)
     raw = jax.random.uniform(jax.random.PRNGKey(3), x0.shape, minval=-1, maxval=1)
-    output = jnp.concatenate([noise, raw], -1) if var in D.LEARNED_VARIANCE else noise
+    output = jnp.concatenate([noise, raw], -1) if var in S.LEARNED_VARIANCE else noise
     out = D.p_mean_variance(d, output, x_t, t)
     arr = S.schedule_arrays(BETAS)
     tt = np.asarray(t)[:, None, None, None]
@@ -153,7 +157,7 @@ def test_clipping_limits_pred_x0():
     assert float(jnp.max(unclipped.pred_x0)) > 1.0
 
 
-@pytest.mark.parametrize("kind, var", itertools.product(["eps", "v"], D.LEARNED_VARIANCE))
+@pytest.mark.parametrize("kind, var", itertools.product(["eps", "v"], S.LEARNED_VARIANCE))
 def test_learned_variance_needs_double_channels(kind, var):
     d = make(kind, var)
     x = jnp.zeros((2, 4, 4, 3))

@@ -19,10 +19,10 @@ import pytest
 from conftest import REPO, restore_state, tiny_mlp_config, tree_allclose
 
 from configs import digits_distill, swissroll
-from diffusion_jax import checkpoint, config_checks, distill, errors, sample, train
+from diffusion_jax import checkpoint, config_checks, distill, errors, process, sample, train
 from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import job
-from diffusion_jax.sampling import registry, run, schedule
+from diffusion_jax.sampling import registry, run
 
 
 def _config(start_steps=16, end_steps=4, **distill_fields):
@@ -66,7 +66,7 @@ def test_two_step_ddim_target_equals_a_float64_rederivation():
         def predict(z, k):
             t = (table["t_model"][k] + 1.0) / config.diffusion.num_timesteps
             v = jnp.sin(3 * z) * (1 + t[:, None, None, None]) - 0.3 * z
-            return schedule.eps_and_x0("v", v, z, table["alpha"][k], table["sigma"][k])
+            return process.eps_and_x0("v", v, z, table["alpha"][k], table["sigma"][k])
 
         got = distill.ddim_target(
             jnp.asarray(z, jnp.float32), predict, table, jnp.asarray(j), jnp.asarray(d)
@@ -99,7 +99,7 @@ def test_the_target_matches_two_steps_of_the_sampling_package():
 
     def predict(z, k):
         out = fn(z, table["t_model"][k])
-        return schedule.eps_and_x0("v", out, z, table["alpha"][k], table["sigma"][k])
+        return process.eps_and_x0("v", out, z, table["alpha"][k], table["sigma"][k])
 
     z = jax.random.normal(jax.random.PRNGKey(3), (5, 4, 4, 1))
     stepper = registry.build(config)

@@ -11,7 +11,7 @@ from flax import nnx
 from jax import lax
 
 from configs.cifar10 import get_config
-from diffusion_jax import distributed, errors, generation, schedules, train_step
+from diffusion_jax import distributed, errors, generation, process, train_step
 from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import bpd
 from diffusion_jax.metrics import inception
@@ -79,7 +79,7 @@ def _compile_train(mesh):
     fn = train_step.compile_train_fn(
         config,
         generation.model_apply(graphdef, rest),
-        schedules.diffusion_from_config(config.diffusion),
+        process.from_config(config.diffusion),
         state_lib.make_optimizer(config),
         mesh,
     )

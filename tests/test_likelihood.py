@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import diffusion as D
 from diffusion_jax import likelihood as LK
 from diffusion_jax import losses as L
+from diffusion_jax import process as D
 from diffusion_jax import schedules as S
 
 
@@ -22,7 +22,7 @@ def data(batch=8):
 
 
 def test_total_is_prior_plus_every_term_from_an_independent_loop():
-    d = S.make_diffusion(S.get_beta_schedule("linear", 20), "eps", "fixed_large")
+    d = D.NoiseProcess(S.get_beta_schedule("linear", 20), "eps", "fixed_large")
     x0, key = data(), jax.random.PRNGKey(1)
     out = jax.jit(lambda k: LK.calc_bpd_loop(d, toy_denoiser, x0, k))(key)
     terms, x0_mse, eps_mse = [], [], []
@@ -33,7 +33,7 @@ def test_total_is_prior_plus_every_term_from_an_independent_loop():
         vb, _ = L.vb_terms_bpd(d, toy_denoiser(x_t, t), x0, x_t, t, True)
         terms.append(vb)
         # x0_hat from eps, clipped to [-1, 1] (clip_denoised), in float64
-        ab = np.asarray(d.alphas_cumprod, np.float64)[i]
+        ab = np.asarray(d.array("alphas_cumprod"), np.float64)[i]
         eps_hat = np.asarray(toy_denoiser(x_t, t), np.float64)
         x0_hat = np.clip(
             (np.asarray(x_t, np.float64) - np.sqrt(1 - ab) * eps_hat) / np.sqrt(ab), -1, 1
@@ -55,7 +55,7 @@ def test_loop_is_traced_once_whatever_t():
     x0 = data(2)
 
     def size(num_timesteps):
-        d = S.make_diffusion(S.get_beta_schedule("linear", num_timesteps))
+        d = D.NoiseProcess(S.get_beta_schedule("linear", num_timesteps))
         fn = lambda k: LK.calc_bpd_loop(d, toy_denoiser, x0, k)
         eqns = jax.make_jaxpr(fn)(jax.random.PRNGKey(0)).jaxpr.eqns
         scans = [e for e in eqns if e.primitive.name == "scan"]
@@ -77,7 +77,7 @@ def test_rate_distortion_bookkeeping():
 def test_sharded_equals_unsharded(devices):
     mesh = Mesh(np.array(devices), ("data",))
     batch = NamedSharding(mesh, PartitionSpec("data"))
-    d = S.make_diffusion(S.get_beta_schedule("cosine", 50), "eps", "fixed_small")
+    d = D.NoiseProcess(S.get_beta_schedule("cosine", 50), "eps", "fixed_small")
     x0, key = data(16), jax.random.PRNGKey(3)
     fn = lambda x, k: LK.calc_bpd_loop(d, toy_denoiser, x, k)
     ref = jax.jit(fn)(x0, key)

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import diffusion as D
 from diffusion_jax import losses as L
+from diffusion_jax import process as D
 from diffusion_jax import schedules as S
 
 BETAS = S.get_beta_schedule("linear", 1000)
@@ -129,7 +129,7 @@ def test_decoder_gradients_are_finite_everywhere():
 
 
 def test_true_noise_makes_every_kl_term_zero_under_fixed_small():
-    d = S.make_diffusion(BETAS, "eps", "fixed_small")
+    d = D.NoiseProcess(BETAS, "eps", "fixed_small")
     key = jax.random.PRNGKey(0)
     x0 = jax.random.uniform(key, (1000, 2, 2, 3), minval=-0.9, maxval=0.9)
     noise = jax.random.normal(jax.random.PRNGKey(1), x0.shape)
@@ -142,7 +142,7 @@ def test_true_noise_makes_every_kl_term_zero_under_fixed_small():
 
 
 def test_vb_term_equals_kl_and_decoder_definitions():
-    d = S.make_diffusion(BETAS, "eps", "fixed_large")
+    d = D.NoiseProcess(BETAS, "eps", "fixed_large")
     x0 = (
         jnp.round(
             jax.random.uniform(jax.random.PRNGKey(2), (2, 3, 3, 1), minval=-1, maxval=1) * 127.5
@@ -162,7 +162,7 @@ def test_vb_term_equals_kl_and_decoder_definitions():
 
 
 def test_prior_term_is_tiny_for_the_paper_schedule():
-    d = S.make_diffusion(BETAS)
+    d = D.NoiseProcess(BETAS)
     x0 = jnp.ones((1, 4, 4, 3))
     # L_T = KL(N(sqrt(ab_T), 1 - ab_T) || N(0, 1)) in closed form, per dimension.
     ab = np.prod(1 - BETAS)
@@ -171,7 +171,7 @@ def test_prior_term_is_tiny_for_the_paper_schedule():
 
 
 def model_and_data(var, kind="eps"):
-    d = S.make_diffusion(BETAS, kind, var)
+    d = D.NoiseProcess(BETAS, kind, var)
     x0 = jax.random.uniform(jax.random.PRNGKey(5), (4, 4, 4, 3), minval=-1, maxval=1)
     noise = jax.random.normal(jax.random.PRNGKey(6), x0.shape)
     t = jnp.array([0, 10, 500, 999])

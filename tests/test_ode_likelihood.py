@@ -11,12 +11,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion_jax import ode_likelihood as OL
 from diffusion_jax import schedules as S
-from diffusion_jax.sampling.schedule import Schedule
+from diffusion_jax.process import NoiseProcess
 
 N = 1000
 BETAS = S.get_beta_schedule("linear", N)
 ALPHABAR = np.cumprod(1.0 - BETAS.astype(np.float64))
-VP = Schedule(BETAS)
+VP = NoiseProcess(BETAS)
 SHAPE = (2, 2, 2)  # NHWC per example, D = 8
 D = math.prod(SHAPE)
 

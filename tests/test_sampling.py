@@ -10,8 +10,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion_jax import schedules as S
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.process import NoiseProcess
 from diffusion_jax.sampling import grids, registry, run, steppers
-from diffusion_jax.sampling.schedule import Schedule
 
 BETAS = S.get_beta_schedule("linear", 1000)
 S2 = 0.25  # data x_0 ~ N(0, S2), elementwise
@@ -93,7 +93,7 @@ def test_single_steps_match_hand_formulas(t):
     abar = np.cumprod(1 - BETAS)
     ab, abp, b = abar[t], abar[t - 1], BETAS[t]
     x64, e64, z64 = (np.asarray(a, np.float64) for a in (x, eps, z))
-    sched = Schedule(BETAS)
+    sched = NoiseProcess(BETAS)
     # Algorithm 2 / eq. 11 without clipping: mu = (x - b / sqrt(1 - ab) eps) / sqrt(1 - b)
     ancestral = steppers.ancestral(sched, [t - 1, t])
     got, _ = ancestral.step(x, _first_row(ancestral), predict, z)
@@ -134,7 +134,7 @@ def test_progressive_snapshots():
 
 
 def test_interpolation_shares_noise_across_lambdas():
-    sched = Schedule(BETAS[:50])
+    sched = NoiseProcess(BETAS[:50])
     predict = run.make_predict(lambda x, t: 0.3 * x, "eps", clip_denoised=True)
     xa = jnp.full((2, 2, 2, 1), -0.5)
     xb = jnp.full((2, 2, 2, 1), 0.5)
@@ -170,7 +170,7 @@ def test_bad_method():
 def test_every_sampler_sharded_equals_unsharded(devices):
     mesh = Mesh(np.array(devices), ("data",))
     batch = NamedSharding(mesh, PartitionSpec("data"))
-    sched = Schedule(BETAS)
+    sched = NoiseProcess(BETAS)
     shape = (16, 4, 4, 3)
     key = jax.random.PRNGKey(0)
     denoise = lambda x, t: jnp.tanh(x) * (t[:, None, None, None] / 1000.0)

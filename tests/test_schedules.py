@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from diffusion_jax import process as P
 from diffusion_jax import schedules as S
 
 T = 1000
@@ -44,7 +45,7 @@ def test_betas_match_reference(name):
 @pytest.mark.parametrize("name", S.SCHEDULES)
 def test_derived_quantities_match_float64(name):
     betas = reference_betas(name)
-    d = S.make_diffusion(betas)
+    d = P.NoiseProcess(betas)
     ac, prev = 1.0, 1.0
     ref = {k: [] for k in ("ac", "prev", "pv", "c1", "c2")}
     for b in betas:
@@ -59,22 +60,30 @@ def test_derived_quantities_match_float64(name):
         ref["c2"].append(pv * math.sqrt(1 - b) / b if prev < 1 else 0.0)
     ref = {k: np.array(v) for k, v in ref.items()}
     f32 = dict(rtol=2e-6, atol=1e-30)
-    np.testing.assert_allclose(d.betas, betas, **f32)
-    np.testing.assert_allclose(d.alphas_cumprod, ref["ac"], **f32)
-    np.testing.assert_allclose(d.alphas_cumprod_prev, ref["prev"], **f32)
-    np.testing.assert_allclose(d.alphas_cumprod_next, np.append(ref["ac"][1:], 0.0), **f32)
-    np.testing.assert_allclose(d.sqrt_alphas_cumprod, np.sqrt(ref["ac"]), **f32)
-    np.testing.assert_allclose(d.sqrt_one_minus_alphas_cumprod, np.sqrt(1 - ref["ac"]), **f32)
-    np.testing.assert_allclose(d.sqrt_recip_alphas_cumprod, 1 / np.sqrt(ref["ac"]), **f32)
-    np.testing.assert_allclose(d.posterior_variance, ref["pv"], rtol=2e-6, atol=1e-12)
-    np.testing.assert_allclose(d.posterior_mean_coef1, ref["c1"], rtol=2e-6, atol=1e-12)
-    np.testing.assert_allclose(d.posterior_mean_coef2, ref["c2"], rtol=2e-6, atol=1e-12)
+    np.testing.assert_allclose(d.array("betas"), betas, **f32)
+    np.testing.assert_allclose(d.array("alphas_cumprod"), ref["ac"], **f32)
+    np.testing.assert_allclose(d.array("alphas_cumprod_prev"), ref["prev"], **f32)
+    np.testing.assert_allclose(d.array("alphas_cumprod_next"), np.append(ref["ac"][1:], 0.0), **f32)
+    np.testing.assert_allclose(d.array("sqrt_alphas_cumprod"), np.sqrt(ref["ac"]), **f32)
+    np.testing.assert_allclose(
+        d.array("sqrt_one_minus_alphas_cumprod"), np.sqrt(1 - ref["ac"]), **f32
+    )
+    np.testing.assert_allclose(d.array("sqrt_recip_alphas_cumprod"), 1 / np.sqrt(ref["ac"]), **f32)
+    np.testing.assert_allclose(d.array("posterior_variance"), ref["pv"], rtol=2e-6, atol=1e-12)
+    np.testing.assert_allclose(d.array("posterior_mean_coef1"), ref["c1"], rtol=2e-6, atol=1e-12)
+    np.testing.assert_allclose(d.array("posterior_mean_coef2"), ref["c2"], rtol=2e-6, atol=1e-12)
     clipped = np.log(np.append(ref["pv"][1], ref["pv"][1:]))
-    np.testing.assert_allclose(d.posterior_log_variance_clipped, clipped, rtol=2e-6)
-    np.testing.assert_allclose(d.sqrt_recipm1_alphas_cumprod, np.sqrt(1 / ref["ac"] - 1), rtol=2e-6)
-    np.testing.assert_allclose(d.log_one_minus_alphas_cumprod, np.log(1 - ref["ac"]), rtol=2e-6)
-    assert np.all(np.isfinite(d.sqrt_recip_alphas_cumprod))  # alphabar_T > 0 for every schedule
-    assert d.alphas_cumprod.dtype == np.float32
+    np.testing.assert_allclose(d.array("posterior_log_variance_clipped"), clipped, rtol=2e-6)
+    np.testing.assert_allclose(
+        d.array("sqrt_recipm1_alphas_cumprod"), np.sqrt(1 / ref["ac"] - 1), rtol=2e-6
+    )
+    np.testing.assert_allclose(
+        d.array("log_one_minus_alphas_cumprod"), np.log(1 - ref["ac"]), rtol=2e-6
+    )
+    assert np.all(
+        np.isfinite(d.array("sqrt_recip_alphas_cumprod"))
+    )  # alphabar_T > 0 for every schedule
+    assert d.array("alphas_cumprod").dtype == np.float32
 
 
 def test_paper_linear_schedule_endpoints():
@@ -84,10 +93,10 @@ def test_paper_linear_schedule_endpoints():
 
 def test_respacing_all_steps_reproduces_schedule():
     betas = S.get_beta_schedule("linear", T)
-    full = S.make_diffusion(betas)
-    spaced = S.make_diffusion(betas, use_timesteps=range(T))
+    full = P.NoiseProcess(betas)
+    spaced = full.respace(range(T))
     for field in ("betas", "alphas_cumprod", "posterior_variance", "posterior_mean_coef1"):
-        np.testing.assert_array_equal(getattr(full, field), getattr(spaced, field))
+        np.testing.assert_array_equal(full.array(field), spaced.array(field))
     np.testing.assert_array_equal(spaced.timesteps, np.arange(T))
 
 
@@ -95,12 +104,12 @@ def test_respacing_all_steps_reproduces_schedule():
 def test_respaced_betas_follow_iddpm_formula(spec):
     betas = S.get_beta_schedule("cosine", T)
     use = S.space_timesteps(T, spec)
-    spaced = S.make_diffusion(betas, use_timesteps=use)
+    spaced = P.NoiseProcess(betas).respace(use)
     abar = np.cumprod(1 - betas)
     # alphabar_S is the training schedule's; beta_{S_i} = 1 - abar_{S_i} / abar_{S_{i-1}}.
-    np.testing.assert_allclose(spaced.alphas_cumprod, abar[use], rtol=2e-6)
+    np.testing.assert_allclose(spaced.array("alphas_cumprod"), abar[use], rtol=2e-6)
     expected = [1 - abar[s] / (abar[use[i - 1]] if i else 1.0) for i, s in enumerate(use)]
-    np.testing.assert_allclose(spaced.betas, expected, rtol=2e-6)
+    np.testing.assert_allclose(spaced.array("betas"), expected, rtol=2e-6)
     np.testing.assert_array_equal(spaced.timesteps, use)
 
 
@@ -117,11 +126,11 @@ def test_space_timesteps_forms():
     [
         (lambda: S.get_beta_schedule("sigmoid", T), "sigmoid.*allowed: linear, cosine"),
         (lambda: S.get_beta_schedule("linear", 0), "num_timesteps=0"),
-        (lambda: S.make_diffusion(np.array([0.1, 0.0])), r"\(0, 1\) .*; betas\[1\] = 0.0"),
-        (lambda: S.make_diffusion(np.array([0.1, 1.0])), r"beta = 1 makes .*betas\[1\] = 1.0"),
-        (lambda: S.make_diffusion(np.array([0.1, 1.5])), r"betas\[1\] = 1.5"),
-        (lambda: S.make_diffusion(np.full(3, 0.1), model_output="score"), "model_output='score'"),
-        (lambda: S.make_diffusion(np.full(3, 0.1), model_var_type="big"), "allowed: fixed_large"),
+        (lambda: P.NoiseProcess(np.array([0.1, 0.0])), r"\(0, 1\) .*; betas\[1\] = 0.0"),
+        (lambda: P.NoiseProcess(np.array([0.1, 1.0])), r"beta = 1 makes .*betas\[1\] = 1.0"),
+        (lambda: P.NoiseProcess(np.array([0.1, 1.5])), r"betas\[1\] = 1.5"),
+        (lambda: P.NoiseProcess(np.full(3, 0.1), model_output="score"), "model_output='score'"),
+        (lambda: P.NoiseProcess(np.full(3, 0.1), model_var_type="big"), "allowed: fixed_large"),
         (lambda: S.space_timesteps(100, "fast"), "'fast'"),
         (lambda: S.space_timesteps(10, "20"), "cannot take 20 steps"),
     ],

@@ -14,14 +14,14 @@ from jax.sharding import Mesh
 from diffusion_jax import generation
 from diffusion_jax import schedules as S
 from diffusion_jax.errors import ConfigError
+from diffusion_jax.process import NoiseProcess
 from diffusion_jax.sampling import grids, registry, run
-from diffusion_jax.sampling.schedule import Schedule
 
 T = 1000
 BETAS = S.get_beta_schedule("linear", T)
 ALPHAS_CUMPROD = np.cumprod(1.0 - BETAS)  # float64
 LOG_ALPHA = 0.5 * np.log(ALPHAS_CUMPROD)  # log(alpha_t) at t = (i + 1) / T
-SCHED = Schedule(BETAS)
+SCHED = NoiseProcess(BETAS)
 S2 = 0.25  # data x_0 ~ N(0, S2), elementwise
 X_T = jax.random.normal(jax.random.PRNGKey(0), (8, 2, 1, 1))
 

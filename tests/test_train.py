@@ -23,7 +23,7 @@ from diffusion_jax import (
     generation,
     input_pipeline,
     losses,
-    schedules,
+    process,
     train,
     train_step,
 )
@@ -33,7 +33,7 @@ from diffusion_jax import state as state_lib
 def run_steps(config, mesh, num_steps):
     graphdef, rest, state, tx = state_lib.init_train_state(config)
     apply = generation.model_apply(graphdef, rest)
-    diffusion = schedules.diffusion_from_config(config.diffusion)
+    diffusion = process.from_config(config.diffusion)
     fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
     state = jax.device_put(state, distributed.replicated(mesh))
     data = input_pipeline.create_train_iterator(config)
@@ -63,7 +63,7 @@ def test_several_steps_per_call_equal_single_steps(devices):
     fn = train_step.compile_train_fn(
         config,
         generation.model_apply(graphdef, rest),
-        schedules.diffusion_from_config(config.diffusion),
+        process.from_config(config.diffusion),
         tx,
         mesh,
     )
@@ -300,7 +300,7 @@ def test_cli_trains_the_embedded_default_and_writes_its_outputs(tmp_path):
     graphdef, rest, initial, _ = state_lib.init_train_state(config)
     trained = restore_state(config, tmp_path, 60)
     apply = generation.model_apply(graphdef, rest)
-    diffusion = schedules.diffusion_from_config(config.diffusion)
+    diffusion = process.from_config(config.diffusion)
     images, _ = input_pipeline.load_arrays(config, "train")
     x0 = jnp.asarray(images[:256] / 127.5 - 1.0, jnp.float32)
     key_t, key_n = jax.random.split(jax.random.PRNGKey(42))

@@ -57,7 +57,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_jax import checkpoint as checkpoint_lib
-from diffusion_jax import distributed, generation, input_pipeline, schedules
+from diffusion_jax import distributed, generation, input_pipeline, process
 from diffusion_jax import state as state_lib
 from diffusion_jax.benchmark.environment import host_info, jax_device_info, package_versions
 from diffusion_jax.benchmark.host_init import host_state
@@ -218,7 +218,7 @@ class Benchmark:
         from diffusion_jax import train_step
 
         cfg = self.config_for(dtype, batch)
-        diffusion = schedules.diffusion_from_config(cfg.diffusion)
+        diffusion = process.from_config(cfg.diffusion)
         state = self.state()
         fn = train_step.compile_train_fn(cfg, self.apply_for(dtype), diffusion, self._tx, self.mesh)
         data = self._sharded_images(batch, leading=1)

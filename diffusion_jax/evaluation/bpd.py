@@ -23,7 +23,7 @@ from diffusion_jax import (
     input_pipeline,
     likelihood,
     logs,
-    schedules,
+    process,
     streams,
     visualize,
 )
@@ -39,7 +39,7 @@ def make_bpd_fn(
     'vb' [T] and 'x0_mse' [T] of `likelihood.calc_bpd_loop` on the full chain, every network
     call at `eval.precision`. Conditional models use the true labels and no guidance.
     """
-    diffusion = schedules.diffusion_from_config(config.diffusion)
+    diffusion = process.from_config(config.diffusion)
     conditional = bool(config.model.num_classes)
     apply = base.with_precision(apply, config.eval.precision)
 

@@ -2,7 +2,7 @@
 
 The exact likelihood of the model's continuous relaxation, next to the variational bound of
 'bpd', on the same first `eval.bpd_num_examples` test images: uniformly dequantized 8-bit
-data, the discrete chain mapped to continuous time as DPM-Solver does (`sampling.schedule`),
+data, the discrete chain mapped to continuous time as DPM-Solver does (`process.NoiseProcess`),
 and a fixed-step solver inside one `lax.scan` (`ode_likelihood`), so every shard and host
 takes the same `eval.ode_num_steps` steps and the cost is known in advance. The divergence
 is Hutchinson's estimator with `eval.ode_num_probes` probes (`eval.ode_probe`) or exact
@@ -20,9 +20,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from diffusion_jax import ode_likelihood, streams
+from diffusion_jax import ode_likelihood, process, streams
 from diffusion_jax.evaluation import base, bpd
-from diffusion_jax.sampling import schedule
 
 
 def make_ode_bpd_fn(
@@ -32,7 +31,7 @@ def make_ode_bpd_fn(
     unmasked examples (replicated): 'count', 'bpd' and 'bpd_sq' (of the per-image bpd, for
     the standard error); conditional models use the true labels and no guidance."""
     c = config.eval
-    vp = schedule.from_config(config.diffusion)
+    vp = process.from_config(config.diffusion)
     conditional = bool(config.model.num_classes)
     apply = base.with_precision(apply, config.eval.precision)
 

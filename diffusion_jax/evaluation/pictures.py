@@ -19,11 +19,12 @@ from diffusion_jax import (
     generation,
     input_pipeline,
     logs,
+    process,
     streams,
     visualize,
 )
 from diffusion_jax.evaluation import base
-from diffusion_jax.sampling import registry, run, schedule
+from diffusion_jax.sampling import registry, run
 
 
 def progressive_strip(snapshots: np.ndarray, rows: int) -> tuple[np.ndarray, int]:
@@ -55,7 +56,7 @@ def make_interpolation_fn(
     §4.4 on the full chain from timestep `eval.interpolation_t` with L =
     `eval.interpolation_lambdas` evenly spaced lambdas in [0, 1]. It runs where its inputs
     are (one device: the batch is small and need not divide the device count)."""
-    sched = schedule.from_config(config.diffusion)
+    sched = process.from_config(config.diffusion)
     t_index = min(int(config.eval.interpolation_t), sched.num_timesteps - 1)
     lambdas = np.linspace(0.0, 1.0, int(config.eval.interpolation_lambdas))
 

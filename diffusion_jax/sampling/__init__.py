@@ -1,10 +1,11 @@
-"""Every sampler as a stepper over one step table, on one noise schedule.
+"""Every sampler as a stepper over one step table, on the one noise process.
 
 Read in this order (one direction, no climbing back up):
 
-- `schedule.py`: `Schedule`, the noise schedule of `config.diffusion` (float64 knots of
-  log alpha_t), alpha, sigma, lambda and the chain's posterior coefficients between any two
-  times, and `model_timestep`, the ONE map from time to the network's input;
+- `process.NoiseProcess` (outside the package): the noise process of `config.diffusion`
+  (float64 knots of log alpha_t), alpha, sigma, lambda, the (respaced) chain's posterior
+  coefficients, `model_timestep` (the ONE map from time to the network's input) and the
+  parameterisations (`eps_and_x0`, `model_log_variance`);
 - `grids.py`: every step grid: the full and respaced chains (respacing strings, DDIM uniform
   and quadratic, one rule each) and the ODE solvers' time grids (uniform, logsnr, quadratic,
   karras; `denoise_to_zero`), shared with the probability-flow likelihood;

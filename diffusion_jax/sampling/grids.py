@@ -1,8 +1,8 @@
 """Every step grid: the times a sampler steps through, as float64 NumPy on the host.
 
-A grid is a strictly decreasing array of continuous times t_0 > t_1 > ... > t_K (`schedule`):
-step k goes from t_k to t_{k+1}, the network is called at t_k (and at a stepper's intermediate
-points). Two families, one table each:
+A grid is a strictly decreasing array of continuous times t_0 > t_1 > ... > t_K
+(`process.NoiseProcess`): step k goes from t_k to t_{k+1}, the network is called at t_k (and
+at a stepper's intermediate points). Two families, one table each:
 
 Chain grids (`chain`): the sorted 0-based timesteps a respaced chain keeps, at times
 (k + 1) / N, followed by t = 0 (the chain's last step goes to alphabar_0 = 1). They come from
@@ -39,7 +39,7 @@ import numpy as np
 
 from diffusion_jax import schedules
 from diffusion_jax.errors import ConfigError
-from diffusion_jax.sampling.schedule import Schedule
+from diffusion_jax.process import NoiseProcess
 
 CHAIN_SPACINGS = ("uniform", "quadratic")
 TRAILING = "trailing"  # DDIM only: t_i = i / S (`trailing`)
@@ -105,10 +105,10 @@ def trailing(num_steps: int) -> np.ndarray:
     return np.linspace(1.0, 0.0, int(num_steps) + 1)
 
 
-def chain(schedule: Schedule, timesteps: Sequence[int]) -> np.ndarray:
+def chain(process: NoiseProcess, timesteps: Sequence[int]) -> np.ndarray:
     """The grid of a chain keeping `timesteps`: their times, decreasing, then 0 [K + 1]."""
     kept = np.asarray(sorted(set(int(k) for k in timesteps)))
-    return np.concatenate([schedule.chain_time(kept[::-1]), [0.0]])
+    return np.concatenate([process.chain_time(kept[::-1]), [0.0]])
 
 
 def karras_sigmas(
@@ -122,7 +122,7 @@ def karras_sigmas(
 
 
 def spaced(
-    schedule: Schedule, t_from: float, t_to: float, num_steps: int, spacing: str
+    process: NoiseProcess, t_from: float, t_to: float, num_steps: int, spacing: str
 ) -> np.ndarray:
     """[num_steps + 1] times from t_from down to t_to (> 0), spaced by `spacing`, exact ends."""
     n = int(num_steps)
@@ -131,12 +131,12 @@ def spaced(
     elif spacing == "quadratic":
         t = np.linspace(t_from**0.5, t_to**0.5, n + 1) ** 2
     elif spacing in ("logsnr", "karras"):
-        lam_from, lam_to = schedule.lam(np.array([t_from, t_to]))
+        lam_from, lam_to = process.lam(np.array([t_from, t_to]))
         if spacing == "logsnr":
             lam = np.linspace(lam_from, lam_to, n + 1)
         else:  # sigma = exp(-lambda)
             lam = -np.log(karras_sigmas(np.exp(-lam_from), np.exp(-lam_to), n + 1))
-        t = schedule.inverse_lambda(lam)
+        t = process.inverse_lambda(lam)
     else:
         raise ConfigError(
             f"sampling.spacing={spacing!r} is not supported; allowed: {', '.join(TIME_SPACINGS)}"
@@ -146,7 +146,7 @@ def spaced(
 
 
 def time_grid(
-    schedule: Schedule, num_steps: int, spacing: str, denoise_to_zero: bool = False
+    process: NoiseProcess, num_steps: int, spacing: str, denoise_to_zero: bool = False
 ) -> np.ndarray:
     """The ODE solvers' grid of `num_steps` steps (module docstring) [num_steps + 1]."""
     n = int(num_steps)
@@ -154,9 +154,9 @@ def time_grid(
         raise ConfigError(f"sampling.num_steps={num_steps!r} must be >= 1")
     if denoise_to_zero:
         head = (
-            spaced(schedule, schedule.t_max, schedule.t_min, n - 1, spacing)
+            spaced(process, process.t_max, process.t_min, n - 1, spacing)
             if n > 1
-            else np.array([schedule.t_max])
+            else np.array([process.t_max])
         )
         return np.concatenate([head, [0.0]])
-    return spaced(schedule, schedule.t_max, schedule.t_min, n, spacing)
+    return spaced(process, process.t_max, process.t_min, n, spacing)

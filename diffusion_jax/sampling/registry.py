@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_jax import process
 from diffusion_jax.errors import ConfigError, check_choice
-from diffusion_jax.sampling import grids, schedule, steppers
-from diffusion_jax.sampling.schedule import ODE_MODEL_OUTPUTS, Schedule
+from diffusion_jax.process import ODE_MODEL_OUTPUTS, NoiseProcess
+from diffusion_jax.sampling import grids, steppers
 from diffusion_jax.sampling.steppers import Stepper
 
 
@@ -180,7 +181,7 @@ def _chain_timesteps(sampling: Any, name: str, num_timesteps: int, respacing: st
 
 
 def _singlestep(
-    sched: Schedule, num_steps: int, order: int, spacing: str, to_zero: bool
+    sched: NoiseProcess, num_steps: int, order: int, spacing: str, to_zero: bool
 ) -> Stepper:
     """DPM-Solver-fast's grid (reference `get_orders_and_timesteps_for_singlestep_solver`): the
     orders of `steppers.singlestep_orders`; outer times uniform in lambda over K steps for
@@ -218,7 +219,7 @@ def build(config: Any, respacing: str | None = None) -> Stepper:
     respacing = s.get("respacing", "") if respacing is None else respacing
     if not METHODS[method_name(s, respacing)].chain:
         respacing = ""
-    sched = schedule.from_config(config.diffusion)
+    sched = process.from_config(config.diffusion)
     r = resolved(s, respacing)
     name, n, spacing, order = r["method"], r["num_steps"], r["spacing"], r["order"]
     if name == "ancestral":

@@ -1,7 +1,7 @@
 """Running a stepper: the x_T draw, one `lax.scan` over the step table, snapshots.
 
 Every sampler takes a `denoise_fn(x_t, timesteps [B] float32) -> network output`, fed the
-network timestep of `Schedule.model_timestep` (integers on the chain, fractions between), and
+network timestep of `NoiseProcess.model_timestep` (integers on the chain, fractions between), and
 a PRNG key: x_T = N(0, I) from split(key)[0]; the noise of the row at `position` p (steps still
 to go) from fold_in(split(key)[1], p), so a chain draws the same noise at the same chain
 position whatever it started from. Images are NHWC [B, H, W, C]; nothing loops over the steps
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.process import NoiseProcess, eps_and_x0
 from diffusion_jax.sampling import steppers
-from diffusion_jax.sampling.schedule import Schedule, eps_and_x0
 from diffusion_jax.sampling.steppers import Predict, Prediction, Row, Stepper
 
 # (x_t [B, ...], timesteps [B] float32) -> output [B, ..., C or 2C]
@@ -33,23 +33,24 @@ def _normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def make_predict(denoise_fn: DenoiseFn, model_output: str, clip_denoised: bool) -> Predict:
     """The one network call of every stepper: `predict(x, row, suffix='')` -> (eps_hat, x0_hat,
-    output) at the row's point (`steppers.point`). xprev outputs give x0_hat = (xprev - coef2
-    x_t) / coef1 (eq. 7 inverted; chain rows only). With `clip_denoised`, x0_hat is clipped to
-    [-1, 1] and eps_hat re-derived from it (DDPM's official code; DPM-Solver++'s static
-    thresholding): every sampler sees the same clipped model."""
+    output) at the row's point (`steppers.point`), converted by `process.eps_and_x0` (xprev on
+    chain rows, with their posterior coefficients). With `clip_denoised`, x0_hat is clipped to
+    [-1, 1] and eps_hat re-derived from it: every sampler sees the same clipped model."""
 
     def predict(x: jax.Array, row: Row, suffix: str = "") -> Prediction:
         alpha, sigma = row[f"alpha{suffix}"], row[f"sigma{suffix}"]
         steps = jnp.full(x.shape[:1], row[f"t_model{suffix}"], jnp.float32)
         out = denoise_fn(x, steps).astype(x.dtype)
-        if model_output == "xprev":
-            x0 = (out[..., : x.shape[-1]] - row["coef2"] * x) / row["coef1"]
-            eps = (x - alpha * x0) / sigma
-        else:
-            eps, x0 = eps_and_x0(model_output, out, x, alpha, sigma)
-        if clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
-            eps = (x - alpha * x0) / sigma
+        eps, x0 = eps_and_x0(
+            model_output,
+            out,
+            x,
+            alpha,
+            sigma,
+            clip=clip_denoised,
+            coef1=row.get("coef1"),
+            coef2=row.get("coef2"),
+        )
         return Prediction(eps, x0, out)
 
     return predict
@@ -133,7 +134,7 @@ def classifier_free_guidance(
 
 
 def interpolate(
-    schedule: Schedule,
+    process: NoiseProcess,
     predict: Predict,
     x_a: jax.Array,
     x_b: jax.Array,
@@ -148,8 +149,8 @@ def interpolate(
     if x_a.shape != x_b.shape:
         raise ValueError(f"interpolate: x_a {x_a.shape} and x_b {x_b.shape} differ in shape")
     key_a, key_b, key_loop = jax.random.split(key, 3)
-    t = schedule.chain_time(t_index)
-    alpha, sigma = jnp.float32(schedule.alpha(t)), jnp.float32(schedule.sigma(t))
+    t = process.chain_time(t_index)
+    alpha, sigma = jnp.float32(process.alpha(t)), jnp.float32(process.sigma(t))
     xt_a = alpha * x_a + sigma * jax.random.normal(key_a, x_a.shape)
     xt_b = alpha * x_b + sigma * jax.random.normal(key_b, x_b.shape)
     lam = jnp.asarray(lambdas, jnp.float32).reshape((-1,) + (1,) * x_a.ndim)
@@ -159,7 +160,7 @@ def interpolate(
     def shared_noise(k, shape):
         return jnp.tile(jax.random.normal(k, x_a.shape), (num,) + (1,) * (x_a.ndim - 1))
 
-    chain = steppers.ancestral(schedule, range(schedule.num_timesteps))
+    chain = steppers.ancestral(process, range(process.num_timesteps))
     keep = chain.rows["position"] <= t_index
     chain = dataclasses.replace(chain, rows={k: v[keep] for k, v in chain.rows.items()})
     out = sample(chain, predict, mixed.shape, key_loop, x_init=mixed, noise_fn=shared_noise)

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.sampling.schedule import Schedule
+from diffusion_jax.process import NoiseProcess, model_log_variance
+from diffusion_jax.schedules import LEARNED_VARIANCE
 
 # The reference code lowers the order of the final multistep updates only below 10 steps.
 LOWER_ORDER_FINAL_BELOW = 10
@@ -66,28 +67,28 @@ class Stepper:
         return int(np.sum(self.rows["nfe"]))
 
 
-def point(schedule: Schedule, t: np.ndarray, suffix: str = "") -> dict[str, np.ndarray]:
+def point(process: NoiseProcess, t: np.ndarray, suffix: str = "") -> dict[str, np.ndarray]:
     """The columns `predict` reads at times t [K]: network timestep, alpha_t, sigma_t."""
     t = np.asarray(t, np.float64)
     return {
-        f"t_model{suffix}": schedule.model_timestep(t),
-        f"alpha{suffix}": schedule.alpha(t),
-        f"sigma{suffix}": schedule.sigma(t),
+        f"t_model{suffix}": process.model_timestep(t),
+        f"alpha{suffix}": process.alpha(t),
+        f"sigma{suffix}": process.sigma(t),
     }
 
 
-def _base(schedule: Schedule, grid: np.ndarray, nfe: Any = 1) -> dict[str, np.ndarray]:
+def _base(process: NoiseProcess, grid: np.ndarray, nfe: Any = 1) -> dict[str, np.ndarray]:
     k = grid.shape[0] - 1
     return {
-        **point(schedule, grid[:-1]),
+        **point(process, grid[:-1]),
         "position": np.arange(k - 1, -1, -1),
         "nfe": np.broadcast_to(np.asarray(nfe), (k,)).copy(),
     }
 
 
-def _lambdas(schedule: Schedule, t: np.ndarray) -> np.ndarray:
+def _lambdas(process: NoiseProcess, t: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
-        return schedule.lam(np.asarray(t, np.float64))
+        return process.lam(np.asarray(t, np.float64))
 
 
 def _expand(a: jax.Array, x: jax.Array) -> jax.Array:
@@ -98,44 +99,35 @@ def _expand(a: jax.Array, x: jax.Array) -> jax.Array:
 # Ancestral sampling (DDPM Algorithm 2) on a chain
 
 
-def ancestral(schedule: Schedule, timesteps: Sequence[int]) -> Stepper:
+def ancestral(process: NoiseProcess, timesteps: Sequence[int]) -> Stepper:
     """DDPM Algorithm 2 over the chain keeping `timesteps`: x_{t-1} = mu_theta + sigma_t z (no
     noise at the last step), mu_theta = coef1 x0_hat + coef2 x_t (eq. 7 with the clipped x0_hat;
     the network output itself for xprev). Variances (`model_var_type`): fixed_small beta~_t;
     fixed_large beta_t, with beta~ at the last step (official code); learned: the output is the
     log variance; learned_range (IDDPM eq. 15): v in [-1, 1] mixes log beta_t and log beta~_t."""
     kept = sorted(set(int(k) for k in timesteps))
-    a = {k: v[::-1] for k, v in schedule.chain_arrays(kept).items()}  # rows: noisiest first
-    grid = np.concatenate([schedule.chain_time(kept[::-1]), [0.0]])
-    if schedule.model_var_type == "fixed_small":
-        log_var = a["posterior_log_variance_clipped"]
-    else:  # fixed_large (and unused for learned variances)
-        var = a["betas"].copy()
-        if len(kept) > 1:
-            var[-1] = a["posterior_variance"][-2]
-        log_var = np.log(var)
+    chain = process.respace(kept).arrays
+    a = {k: v[::-1] for k, v in chain.items()}  # rows: noisiest first
+    grid = np.concatenate([process.chain_time(kept[::-1]), [0.0]])
     rows = {
-        **_base(schedule, grid),
+        **_base(process, grid),
         "coef1": a["posterior_mean_coef1"],
         "coef2": a["posterior_mean_coef2"],
-        "log_var": log_var,
+        "log_var": a["fixed_log_variance"],
         "min_log": a["posterior_log_variance_clipped"],
-        "max_log": np.log(a["betas"]),
+        "max_log": a["log_betas"],
     }
     rows["noise"] = (rows["position"] != 0).astype(np.float64)
-    var_type, xprev = schedule.model_var_type, schedule.model_output == "xprev"
+    var_type, xprev = process.model_var_type, process.model_output == "xprev"
 
     def step(x, row, predict, noise):
         p = predict(x, row)
         c = x.shape[-1]
         mean = p.out[..., :c] if xprev else row["coef1"] * p.x0 + row["coef2"] * x
-        if var_type == "learned":
-            log_var = p.out[..., c:]
-        elif var_type == "learned_range":
-            frac = (p.out[..., c:] + 1.0) / 2.0
-            log_var = frac * row["max_log"] + (1.0 - frac) * row["min_log"]
-        else:
-            log_var = row["log_var"]
+        var_out = p.out[..., c:] if var_type in LEARNED_VARIANCE else None
+        log_var = model_log_variance(
+            var_type, var_out, row["log_var"], row["min_log"], row["max_log"]
+        )
         return mean + row["noise"] * jnp.exp(0.5 * log_var) * noise, p.x0
 
     return Stepper(rows, step)
@@ -159,7 +151,7 @@ def multistep_orders(
 
 
 def _multistep_columns(
-    kind: str, schedule: Schedule, grid: np.ndarray, orders: np.ndarray, eta: float = 0.0
+    kind: str, process: NoiseProcess, grid: np.ndarray, orders: np.ndarray, eta: float = 0.0
 ) -> dict[str, np.ndarray]:
     """Coefficients of x_t = c_x x + c_0 m_s + c_z z  (order 1)
                            + 0.5 c_0 D1_0           (order 2)
@@ -184,10 +176,10 @@ def _multistep_columns(
     exponential integral is h^2 phi_3 m'', so the multistep order-3 update is locally O(h^3); the
     singlestep DPM-Solver-3 is the third-order method. A step to t = 0 (sigma = 0) is order 1."""
     s, t = grid[:-1], grid[1:]
-    lam = _lambdas(schedule, grid)
+    lam = _lambdas(process, grid)
     lam_s, lam_t = lam[:-1], lam[1:]
-    a_s, a_t = schedule.alpha(s), schedule.alpha(t)
-    sig_s, sig_t = schedule.sigma(s), schedule.sigma(t)
+    a_s, a_t = process.alpha(s), process.alpha(t)
+    sig_s, sig_t = process.sigma(s), process.sigma(t)
     order = np.where(sig_t > 0, orders, 1)
     lam_p1 = np.concatenate([lam[:1], lam[:-2]])  # lambda_{j-1} (lambda_0 when j = 0)
     lam_p2 = np.concatenate([lam[:1], lam[:1], lam[:-3]])[: lam_s.shape[0]]
@@ -225,14 +217,14 @@ def _multistep_columns(
 
 def multistep(
     kind: str,
-    schedule: Schedule,
+    process: NoiseProcess,
     grid: np.ndarray,
     orders: np.ndarray,
     eta: float = 0.0,
 ) -> Stepper:
     """The multistep update `kind` (`_multistep_columns`) over `grid` with per-step `orders`
     (`multistep_orders`); 'dpm_solver' keeps eps_hat history, the others x0_hat."""
-    rows = {**_base(schedule, grid), **_multistep_columns(kind, schedule, grid, orders, eta)}
+    rows = {**_base(process, grid), **_multistep_columns(kind, process, grid, orders, eta)}
     data, top = kind != "dpm_solver", int(np.max(rows["order"]))
     stochastic = kind == "sde_dpm_solver++" or (kind == "ddim" and eta > 0)
 
@@ -281,7 +273,7 @@ def singlestep_orders(num_steps: int, order: int) -> list[int]:
 
 
 def singlestep(
-    schedule: Schedule, outer: np.ndarray, orders: Sequence[int], inner: np.ndarray
+    process: NoiseProcess, outer: np.ndarray, orders: Sequence[int], inner: np.ndarray
 ) -> Stepper:
     """DPM-Solver-fast (Lu et al. 2022a Algorithms 1-2) with noise prediction over the outer
     grid [K + 1] with `orders` [K]; `inner` [K, 2] are each step's intermediate times s1, s2
@@ -297,28 +289,28 @@ def singlestep(
     alpha_s). The step's order selects a `lax.switch` branch."""
     orders = np.asarray(orders)
     s, t = outer[:-1], outer[1:]
-    lam_s, lam_t = _lambdas(schedule, s), _lambdas(schedule, t)
+    lam_s, lam_t = _lambdas(process, s), _lambdas(process, t)
     a_s, a_t, sig_s, sig_t = (
-        schedule.alpha(s),
-        schedule.alpha(t),
-        schedule.sigma(s),
-        schedule.sigma(t),
+        process.alpha(s),
+        process.alpha(t),
+        process.sigma(s),
+        process.sigma(t),
     )
-    rows = {**_base(schedule, outer, orders), "order": orders}
+    rows = {**_base(process, outer, orders), "order": orders}
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         h = lam_t - lam_s
         phi_1 = np.expm1(h)
         rows["c_x"] = a_t / a_s
         rows["c_e"] = np.where(sig_t > 0, -sig_t * phi_1, sig_t - a_t * sig_s / a_s)
-        r = (_lambdas(schedule, inner) - lam_s[:, None]) / h[:, None]
+        r = (_lambdas(process, inner) - lam_s[:, None]) / h[:, None]
         r = np.where(orders[:, None] > 1, r, 0.5)
         r1, r2 = r[:, 0], r[:, 1]
         for i, ri in ((1, r1), (2, r2)):
-            rows.update(point(schedule, inner[:, i - 1], f"_{i}"))
-            rows[f"u{i}_x"] = schedule.alpha(inner[:, i - 1]) / a_s
-            rows[f"u{i}_e"] = -schedule.sigma(inner[:, i - 1]) * np.expm1(ri * h)
+            rows.update(point(process, inner[:, i - 1], f"_{i}"))
+            rows[f"u{i}_x"] = process.alpha(inner[:, i - 1]) / a_s
+            rows[f"u{i}_e"] = -process.sigma(inner[:, i - 1]) * np.expm1(ri * h)
         phi_22 = np.expm1(r2 * h) / (r2 * h) - 1.0
-        rows["u2_d"] = -(r2 / r1) * schedule.sigma(inner[:, 1]) * phi_22
+        rows["u2_d"] = -(r2 / r1) * process.sigma(inner[:, 1]) * phi_22
         rows["k_2"] = (0.5 / r1) * rows["c_e"]
         rows["k_3"] = -(1.0 / r2) * sig_t * (phi_1 / h - 1.0)
     for name in ("u1_x", "u1_e", "u2_x", "u2_e", "u2_d", "k_2", "k_3"):
@@ -353,7 +345,7 @@ def singlestep(
 # Karras et al. 2022, Algorithm 1 (deterministic Heun)
 
 
-def heun(schedule: Schedule, grid: np.ndarray) -> Stepper:
+def heun(process: NoiseProcess, grid: np.ndarray) -> Stepper:
     """EDM Algorithm 1 with S_churn = 0 on the VP model over `grid` ending at t = 0: in EDM's
     variables x_k = x_t / alpha_t, sigma = sigma_t / alpha_t = exp(-lambda_t), D(x_k; sigma) =
     x0_hat(alpha_t x_k, t). Steps to sigma_{i+1} > 0 are Heun steps (lines 4-8):
@@ -362,11 +354,11 @@ def heun(schedule: Schedule, grid: np.ndarray) -> Stepper:
     the last, to sigma = 0, is the Euler step x = D(x_{N-1}; sigma_{N-1}) (1 call), so N grid
     points cost 2 N - 1 calls."""
     euler = grid[1:] == 0.0
-    rows = {**_base(schedule, grid, np.where(euler, 1, 2)), **point(schedule, grid[1:], "_next")}
+    rows = {**_base(process, grid, np.where(euler, 1, 2)), **point(process, grid[1:], "_next")}
     rows["euler"] = euler.astype(np.int32)
     with np.errstate(divide="ignore"):
-        rows["edm_sigma"] = np.exp(-_lambdas(schedule, grid[:-1]))
-        rows["edm_sigma_next"] = np.exp(-_lambdas(schedule, grid[1:]))
+        rows["edm_sigma"] = np.exp(-_lambdas(process, grid[:-1]))
+        rows["edm_sigma_next"] = np.exp(-_lambdas(process, grid[1:]))
 
     def step(x, row, predict, noise):
         x_k = x / row["alpha"]
@@ -427,7 +419,7 @@ def _unipc_weights(
     return (b_h, h_phi_1, *w)
 
 
-def unipc(schedule: Schedule, grid: np.ndarray, orders: np.ndarray, bh: str = "bh2") -> Stepper:
+def unipc(process: NoiseProcess, grid: np.ndarray, orders: np.ndarray, bh: str = "bh2") -> Stepper:
     """UniPC (Zhao et al. 2023, Algorithms 2-3; reference `multistep_uni_pc_bh_update`, as
     diffusers' `UniPCMultistepScheduler`) with data prediction over `grid` [K + 1]: at row j
     the network's x0_hat m_j at x_j (one call), then UniC of order p_{j-1} corrects x_j with m_j
@@ -435,8 +427,8 @@ def unipc(schedule: Schedule, grid: np.ndarray, orders: np.ndarray, bh: str = "b
     x_{j+1}. A step to t = 0 is UniP-1: x = m_j. Coefficients per row (host, float64):
     predictor 'p_*' and corrector 'c_*' (`_unipc_weights`)."""
     k = grid.shape[0] - 1
-    lam = _lambdas(schedule, grid)
-    a, sig = schedule.alpha(grid), schedule.sigma(grid)
+    lam = _lambdas(process, grid)
+    a, sig = process.alpha(grid), process.sigma(grid)
     order = np.where(sig[1:] > 0, orders, 1)
     cols = {n: np.zeros(k) for n in ("p_1", "p_2", "c_x", "c_0", "c_1", "c_2", "c_t")}
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -455,7 +447,7 @@ def unipc(schedule: Schedule, grid: np.ndarray, orders: np.ndarray, bh: str = "b
                 cols["c_0"][j] = -a[j] * h_phi_1
                 cols["c_1"][j], cols["c_2"][j] = -a[j] * b_h * w1, -a[j] * b_h * w2
                 cols["c_t"][j] = -a[j] * b_h * wt
-    rows = {**_base(schedule, grid), **cols, "correct": (np.arange(k) >= 1).astype(np.int32)}
+    rows = {**_base(process, grid), **cols, "correct": (np.arange(k) >= 1).astype(np.int32)}
 
     def step(carry, row, predict, noise):
         x, x_prev, m1, m2, m3 = carry
