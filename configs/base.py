@@ -1,4 +1,5 @@
-"""Shared base configuration: the DDPM CIFAR-10 recipe (REFERENCE.md §1, §3, §4).
+"""Shared base configuration: the DDPM CIFAR-10 recipe (Ho et al. 2020, §4 and
+Appendix B, and the official code's CIFAR-10 run).
 
 Every other config file starts from `get_base_config()` and states only what differs.
 Every value can be overridden on the command line, e.g. `--config.training.batch_size=64`.

@@ -1,4 +1,4 @@
-"""DDPM CelebA-HQ 256x256 (official run script, REFERENCE.md §3-4): the 256x256 U-Net
+"""DDPM CelebA-HQ 256x256 (the official DDPM code's run script): the 256x256 U-Net
 (113,673,219 parameters), batch 64, lr 2e-5, no dropout, random flips, 0.5M steps.
 Data: tfds `celeb_a_hq/256` (manual download; see the error message for instructions)."""
 

@@ -1,4 +1,4 @@
-"""DDPM CIFAR-10, exactly the paper's run (REFERENCE.md §4): the base config."""
+"""DDPM CIFAR-10, exactly the paper's run (Ho et al. 2020, Appendix B): the base config."""
 
 from configs.base import get_base_config
 

@@ -1,4 +1,4 @@
-"""Improved DDPM on CIFAR-10 (Nichol & Dhariwal 2021, REFERENCE.md §2): cosine schedule with
+"""Improved DDPM on CIFAR-10 (Nichol & Dhariwal 2021, §3): cosine schedule with
 T = 4000, learned-range variances trained with L_hybrid, importance-sampled timesteps, and the
 IDDPM CIFAR-10 model (3 residual blocks, attention at 16 and 8, dropout 0.3, lr 1e-4)."""
 

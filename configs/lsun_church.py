@@ -1,4 +1,4 @@
-"""DDPM LSUN Church 256x256 (official run script, REFERENCE.md §4): the 256x256 U-Net,
+"""DDPM LSUN Church 256x256 (the official DDPM code's run script): the 256x256 U-Net,
 batch 64, lr 2e-5, no dropout, 1,200,000 steps. Data: TFRecord files of 256x256
 crops under data.data_dir (see `python -m diffusion_jax.input_pipeline --prepare lsun_church`)."""
 

@@ -44,7 +44,8 @@ T = 1000
 
 
 def linear_alphas_cumprod(torch, device):
-    """alphabar_t of the DDPM linear schedule (REFERENCE.md §1), computed in float64."""
+    """alphabar_t of the DDPM linear schedule (Ho et al. 2020, §4: beta from 1e-4 to 0.02),
+    computed in float64."""
     betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, 0).to(device=device, dtype=torch.float32)
 

@@ -1,4 +1,5 @@
-"""Input pipeline: deterministic, resumable, host-sharded training batches (REFERENCE.md §4).
+"""Input pipeline: deterministic, resumable, host-sharded training batches (the DDPM recipe,
+Ho et al. 2020 §3.3 and Appendix B: pixels scaled to [-1, 1], random horizontal flips).
 
 Datasets (`config.data.name`):
 

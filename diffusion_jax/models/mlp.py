@@ -2,7 +2,7 @@
 
 Same role and call signature as the U-Net (DDPM section 3; the toy experiments of
 Sohl-Dickstein et al. 2015 use such networks): x [B, D], t [B] -> [B, out_dim].
-The timestep enters through the sinusoidal embedding of the DDPM U-Net (REFERENCE.md §3)
+The timestep enters through the sinusoidal embedding of the DDPM U-Net (Ho et al. 2020, §4)
 followed by Dense-swish-Dense, and is added to every hidden layer.
 """
 

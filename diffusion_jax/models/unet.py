@@ -47,7 +47,7 @@ def default_init(scale: float = 1.0) -> jax.nn.initializers.Initializer:
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
-    """Sinusoidal timestep embedding of the official DDPM code (REFERENCE.md §3).
+    """Sinusoidal timestep embedding of the official DDPM code (Ho et al. 2020, §4).
 
     Frequencies are exp(-ln(10000) * i / (dim/2 - 1)), i = 0..dim/2-1; the output is
     [sin(t f), cos(t f)] concatenated in that order (diffusers: flip_sin_to_cos=False,
