@@ -170,8 +170,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     # XLA:CPU (simulated multi-device runs) can deadlock in a collective when many sharded
     # steps are queued at once, so there a step is finished before the next is dispatched.
     throttle = jax.default_backend() == "cpu" and mesh.size > 1
-    if start_step < total and task.announce(start_step):
-        print(task.announce(start_step), flush=True)
+    if start_step < total and (line := task.announce(start_step)):
+        print(line, flush=True)
     step, tick, tick_step = start_step, time.perf_counter(), start_step
     input_s = 0.0  # host time spent waiting for batches since the last log line
     stop = False
@@ -186,8 +186,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
             jax.block_until_ready(metrics)
         before, step = step, step + k
         stop = preemption.stop_requested(mngr, step)
-        if crossed(before, step, task.boundary) and step < total and task.announce(step):
-            print(task.announce(step), flush=True)
+        if crossed(before, step, task.boundary) and step < total and (line := task.announce(step)):
+            print(line, flush=True)
         if crossed(before, step, config.training.log_every) or step == total or stop:
             _check_finite(state, workdir, last_good)
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
