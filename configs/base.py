@@ -107,7 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.checkpoint_step = -1  # --mode sample: the checkpoint to draw from (-1 = latest)
     sampling.max_shards = 0  # --mode sample: stop after this many new shards (0 = all)
 
-    # Progressive distillation (`--mode distill`, diffusion_jax/distill.py; Salimans & Ho 2022):
+    # Progressive distillation (`--mode distill`, training/distill.py; Salimans & Ho 2022):
     # rounds in which a student learns one DDIM step (`sampling.spacing="trailing"`) from two
     # of its teacher's, halving the steps from start_steps / 2 down to end_steps. The student
     # predicts `diffusion.model_output` (v or x0); an eps teacher is first fine-tuned into it

@@ -2,7 +2,7 @@
 CIFAR-10 recipe: the teacher's DDIM sampler starts at 1024 steps and 8 rounds of 50k updates
 (batch 128, Adam 5e-5 decayed linearly to 0 over each round, no EMA, no dropout, gradient
 clipping 1) halve it down to 4 steps. The eps teacher is first fine-tuned into a v predictor
-on the data for one round (diffusion_jax/distill.py):
+on the data for one round (diffusion_jax/training/distill.py):
 
     python -m diffusion_jax.main --mode distill --config configs/cifar10_distill.py \\
         --workdir gs://BUCKET/cifar10_distill --config.distill.teacher_workdir=gs://BUCKET/cifar10

@@ -6,7 +6,7 @@
         --workdir /tmp/digits_distill [--config.distill.teacher_workdir DIR]
 
 Round 0 fine-tunes the eps teacher into a v predictor on the data; rounds 1-4 halve its DDIM
-steps 64 -> 32 -> 16 -> 8 -> 4 (diffusion_jax/distill.py). The student samples with DDIM on
+steps 64 -> 32 -> 16 -> 8 -> 4 (diffusion_jax/training/distill.py). The student samples with DDIM on
 its own grid (`sampling.spacing="trailing"`), so `--mode sample` and `--mode eval` on the
 workdir draw 4-step samples; `--config.sampling.num_steps=8 --config.sampling.checkpoint_step=
 ...` samples an earlier round's student from its last checkpoint (every round's is kept).

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import MODES, errors  # noqa: E402
+from diffusion_jax import MODES
+from diffusion_jax.runtime import errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -40,16 +41,16 @@ def config_path() -> str:
 def run(mode: str, config, workdir: str) -> None:
     import jax
 
-    from diffusion_jax import compile_cache, distributed
+    from diffusion_jax.runtime import cache, distributed
 
     distributed.maybe_initialize_distributed()
-    compile_cache.enable(config)
+    cache.enable(config)
     logging.info("JAX devices: %s", jax.devices())
     if mode in ("train", "distill"):
-        from diffusion_jax import config_checks, train
+        from diffusion_jax.training import config_checks, loop
 
         config_checks.check_distill(config, mode)
-        train.train_and_evaluate(config, workdir)
+        loop.train(config, workdir)
         if jax.process_index() == 0:
             base = f"python -m diffusion_jax.main --config {config_path()} --workdir {workdir}"
             solver = (
@@ -67,9 +68,9 @@ def run(mode: str, config, workdir: str) -> None:
 
         job.evaluate_checkpoints(config, workdir)
     else:
-        from diffusion_jax import sample
+        from diffusion_jax.evaluation import sample_job
 
-        sample.sample(config, workdir)
+        sample_job.sample(config, workdir)
 
 
 def main(argv) -> None:

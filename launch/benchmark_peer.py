@@ -1,9 +1,9 @@
-"""The PyTorch peer of `python -m diffusion_jax.benchmark`: diffusers' UNet2DModel as the DDPM
+"""The PyTorch peer of `python -m diffusion_jax.tools.benchmark`: diffusers' UNet2DModel as the DDPM
 CIFAR-10 model, trained with Adam, timed the same way and written in the same JSON format.
 
 The network is the configuration of launch/check_unet_vs_diffusers.py (35,746,307
 parameters, the official CIFAR-10 U-Net) with dropout 0.1. A training step does what
-`diffusion_jax.train.train_step` does: draw t and noise, L_simple, backward, global-norm
+`diffusion_jax.training.loop.train_step` does: draw t and noise, L_simple, backward, global-norm
 clipping at 1, Adam (lr 2e-4) and an EMA update of the parameters. Sampling runs the
 ancestral DDPM chain (full, or respaced to --sample_steps steps, reported as such).
 
@@ -11,7 +11,7 @@ Optional tools, not package dependencies: torch and diffusers.
 
     python launch/benchmark_peer.py --batch 16 --only train,sample --sample_steps 20 \\
         --sample_images 16 --out peer.json
-    python -m diffusion_jax.benchmark --compare ours.json peer.json
+    python -m diffusion_jax.tools.benchmark --compare ours.json peer.json
 
 On a shared machine whose load changes, --interleave alternates our train step and the
 peer's step by step in this one process (both see the same load) and writes both results
@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from diffusion_jax.benchmark import environment, report, timing  # noqa: E402 (no JAX import)
+from diffusion_jax.tools.benchmark import environment, report, timing  # noqa: E402 (no JAX import)
 from launch.check_unet_vs_diffusers import CIFAR10, DDPM_COMMON, import_diffusers  # noqa: E402
 
 T = 1000
@@ -333,8 +333,8 @@ def interleaved(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any
     import torch
 
     from configs.cifar10 import get_config
-    from diffusion_jax.benchmark.options import Options
-    from diffusion_jax.benchmark.tasks import Benchmark
+    from diffusion_jax.tools.benchmark.measure import Benchmark
+    from diffusion_jax.tools.benchmark.options import Options
 
     load_before = environment.host_info()["load_avg"]
     opts = Options(batch=args.batch, repeats=args.repeats, init="model")

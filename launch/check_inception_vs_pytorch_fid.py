@@ -5,7 +5,7 @@ Needs torch, torchvision and pytorch-fid (``pip install torch torchvision`` and
 
 Without ``--weights`` both networks get the same random weights (drawn in pytorch-fid's
 state-dict layout, written to a torch file and read back through
-``diffusion_jax.torch_pickle``); with ``--weights pt_inception-2015-12-05-6726825d.pth``
+``diffusion_jax.runtime.torch_pickle``); with ``--weights pt_inception-2015-12-05-6726825d.pth``
 the real ones. The torch side is pytorch-fid's own ``InceptionV3`` (resize to 299, [0, 1]
 -> [-1, 1], pool3) built by its ``fid_inception_v3`` and its FIDInceptionA/C/E blocks, plus
 its ``fc`` layer for the logits. Prints the max abs / relative errors of pool3 and logits.
@@ -86,7 +86,7 @@ def _check_torch_pickle(torch, torch_sd: dict, directory: str) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
     from torch_files import save_torch_state_dict
 
-    from diffusion_jax.torch_pickle import load_torch_state_dict
+    from diffusion_jax.runtime.torch_pickle import load_torch_state_dict
 
     base = torch.arange(24.0).reshape(4, 6)
     extra = {

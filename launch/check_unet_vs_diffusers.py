@@ -3,7 +3,7 @@
 Builds diffusers' UNet2DModel configured as google/ddpm-cifar10-32 (and, unless
 --skip_256, as google/ddpm-celebahq-256), with seeded random weights (norm affine
 parameters and biases perturbed too, so that every mapping matters), saves it with
-`save_pretrained` to a temporary folder, imports it with `diffusion_jax.convert`, runs both
+`save_pretrained` to a temporary folder, imports it with `diffusion_jax.tools.convert`, runs both
 networks on the same random x_t and t, and prints the max abs error (target <= 1e-4,
 float32). The 32x32 model is also checked through the legacy attention names and the
 `.bin` (torch pickle) path.
@@ -94,13 +94,13 @@ def run_jax(folder: str, x: np.ndarray, t: np.ndarray) -> np.ndarray:
     import jax
     from flax import nnx
 
-    from diffusion_jax import convert
+    from diffusion_jax.tools.convert import from_diffusers, imported
 
-    cfg, params = convert.convert_diffusers(folder)
+    cfg, params = from_diffusers.convert_diffusers(folder)
     with tempfile.TemporaryDirectory() as d:  # through our on-disk format as well
-        convert.save_imported(d, cfg, params)
-        cfg, params = convert.load_imported(d)
-    model = convert.build_imported_model(cfg, params)
+        imported.save_imported(d, cfg, params)
+        cfg, params = imported.load_imported(d)
+    model = imported.build_imported_model(cfg, params)
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, x, t: nnx.merge(graphdef, s)(x, t))
     return np.asarray(fwd(state, x, t.astype(np.int32)))

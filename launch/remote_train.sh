@@ -7,7 +7,7 @@
 # On a pod slice (several workers) it reads the worker list and this worker's index from the
 # TPU VM metadata and exports JAX_COORDINATOR_ADDRESS (worker 0, port JAX_COORDINATOR_PORT,
 # default 8476), JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
-# diffusion_jax.distributed.maybe_initialize_distributed passes to jax.distributed.initialize()
+# diffusion_jax.runtime.distributed.maybe_initialize_distributed passes to jax.distributed.initialize()
 # (without them it would call initialize() with no arguments and let JAX read the same
 # metadata; exporting them makes every worker log its role). Log: ~/diffusion_jax_train.log.
 set -euo pipefail

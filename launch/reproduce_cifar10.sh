@@ -62,7 +62,7 @@ cd "$REPO_ROOT"
 if has_checkpoints "$WORKDIR"; then
   note "# $WORKDIR already holds checkpoints (imported before): skipping the conversion."
 else
-  run "$PYTHON" -m diffusion_jax.convert --source "$SOURCE" --workdir "$WORKDIR" --config "$CONFIG"
+  run "$PYTHON" -m diffusion_jax.tools.convert --source "$SOURCE" --workdir "$WORKDIR" --config "$CONFIG"
 fi
 run "$PYTHON" -m diffusion_jax.main --config "$CONFIG" --workdir "$WORKDIR" \
   --mode eval --config.eval.once=True "${EXTRA_ARGS[@]}"

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-from diffusion_jax import checkpoint  # noqa: E402
+from diffusion_jax.training import checkpoint  # noqa: E402
 
 checkpoint.READ_RETRY_DELAYS_S = (0.05, 0.05, 0.05, 0.05)
 FAULTS = {  # scenario: (error, failing calls: None for every call)

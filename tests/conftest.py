@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import digits, swissroll  # noqa: E402
-from diffusion_jax import checkpoint  # noqa: E402
-from diffusion_jax import state as state_lib  # noqa: E402
+from diffusion_jax.training import checkpoint  # noqa: E402
+from diffusion_jax.training import state as state_lib  # noqa: E402
 
 
 @pytest.fixture(scope="session")

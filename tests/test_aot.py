@@ -1,4 +1,4 @@
-"""`diffusion_jax.aot`: the run's own programs compiled by the TPU compiler for TPU slices
+"""`diffusion_jax.tools.aot`: the run's own programs compiled by the TPU compiler for TPU slices
 on this (CPU) host, and what the command reports of them.
 
 The compiling tests need libtpu (`pip install -e ".[test]"` installs it on Linux x86-64)
@@ -21,8 +21,9 @@ import pytest
 from conftest import REPO, tiny_config
 
 from configs import digits_distill
-from diffusion_jax import aot, errors, xla_analysis
-from diffusion_jax import state as state_lib
+from diffusion_jax.runtime import errors
+from diffusion_jax.tools import aot, xla_analysis
+from diffusion_jax.training import state as state_lib
 
 try:
     import libtpu  # noqa: F401
@@ -215,7 +216,7 @@ def test_unknown_topology_and_missing_libtpu_are_user_errors(monkeypatch):
 
 def test_the_command_reports_a_user_error_in_one_line():
     proc = subprocess.run(
-        [sys.executable, "-m", "diffusion_jax.aot", "--config", "configs/digits.py"]
+        [sys.executable, "-m", "diffusion_jax.tools.aot", "--config", "configs/digits.py"]
         + ["--topology", "v9-8"],
         cwd=REPO,
         capture_output=True,
@@ -557,8 +558,8 @@ def test_aot_and_the_benchmark_read_one_chip_table(monkeypatch, kind, topology, 
     MFU and for the benchmark's MFU alike: the same FLOPs in the same seconds give one MFU."""
     from jax.experimental import topologies
 
-    from diffusion_jax import distributed
-    from diffusion_jax.benchmark import environment, timing
+    from diffusion_jax.runtime import distributed
+    from diffusion_jax.tools.benchmark import environment, timing
 
     fake = [types.SimpleNamespace(device_kind=kind, process_index=0)] * (4 * per_chip)
     monkeypatch.setitem(sys.modules, "libtpu", types.ModuleType("libtpu"))
@@ -594,7 +595,7 @@ def test_aot_and_the_benchmark_read_one_chip_table(monkeypatch, kind, topology, 
 
 
 def test_the_v3_peak_is_123_tflops_per_chip_over_two_cores():
-    from diffusion_jax.benchmark import environment
+    from diffusion_jax.tools.benchmark import environment
 
     v3 = xla_analysis.CHIPS["tpu v3"]
     assert (v3.chip_bf16_flops, v3.devices, v3.hbm_bytes) == (123e12, 2, 16 * 2**30)
@@ -605,7 +606,7 @@ def test_the_v3_peak_is_123_tflops_per_chip_over_two_cores():
 
 
 def test_out_of_memory_is_one_test_for_aot_and_the_benchmark():
-    from diffusion_jax.benchmark import timing
+    from diffusion_jax.tools.benchmark import timing
 
     assert timing.is_oom is xla_analysis.is_oom
     assert xla_analysis.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2GiB"))

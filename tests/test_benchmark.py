@@ -1,4 +1,4 @@
-"""diffusion_jax.benchmark: the harness on a tiny U-Net, and the table / comparison printers."""
+"""diffusion_jax.tools.benchmark: the harness on a tiny U-Net, the table and comparison printers."""
 
 import copy
 import json
@@ -10,10 +10,10 @@ import jax
 import pytest
 
 from configs.cifar10 import get_config
-from diffusion_jax import benchmark as bench
-from diffusion_jax import distributed
-from diffusion_jax import state as state_lib
-from diffusion_jax.benchmark import tasks
+from diffusion_jax.runtime import distributed
+from diffusion_jax.tools import benchmark as bench
+from diffusion_jax.tools.benchmark import measure
+from diffusion_jax.training import state as state_lib
 
 
 def _tiny_config():
@@ -46,7 +46,7 @@ def test_peak_table():
 def test_reports_import_without_jax():
     """launch/benchmark_peer.py (PyTorch) uses the package, its options, timing and report."""
     modules = [
-        "diffusion_jax.benchmark." + m for m in ("options", "environment", "timing", "report")
+        "diffusion_jax.tools.benchmark." + m for m in ("options", "environment", "timing", "report")
     ]
     code = (
         f"import sys, {', '.join(modules)}; "
@@ -59,7 +59,7 @@ def test_options_are_the_flags():
     """Every `Options` field is a flag of the same name and default, parsed back into it."""
     from absl import flags
 
-    from diffusion_jax.benchmark import options
+    from diffusion_jax.tools.benchmark import options
 
     values = flags.FlagValues()
     options.define_flags(values)
@@ -91,7 +91,7 @@ def test_harness_on_a_tiny_unet(tmp_path):
         profile=str(tmp_path / "trace"),
     )
     lines = []
-    result = tasks.run_benchmark(_tiny_config(), opts, log=lines.append)
+    result = measure.run_benchmark(_tiny_config(), opts, log=lines.append)
     path = tmp_path / "ours.json"
     bench.write_result(result, path)
     result = json.loads(path.read_text())
@@ -195,7 +195,7 @@ def test_input_task_measures_the_pipeline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(input_pipeline, "create_train_iterator", slow_iterator)
     opts = bench.Options(only=("input",), batch=16, repeats=3, iters=5, num_devices=1)
-    result = tasks.run_benchmark(digits_config(), opts, log=lambda s: None)
+    result = measure.run_benchmark(digits_config(), opts, log=lambda s: None)
     (row,) = result["results"]
     assert row["task"] == "input" and row["batch"] == 16 and row["iters"] == 5
     assert 0.5 * 16 / delay < row["images_per_s"] <= 16 / delay
@@ -204,7 +204,7 @@ def test_input_task_measures_the_pipeline(tmp_path, monkeypatch):
     config = get_config()
     config.data.data_dir = str(tmp_path)
     lines = []
-    result = tasks.run_benchmark(config, opts, log=lines.append)
+    result = measure.run_benchmark(config, opts, log=lines.append)
     assert result["results"] == []
     assert "--prepare cifar10" in result["checks"]["input_unavailable"]
     assert any(line.startswith("input: skipped") for line in lines)
@@ -213,7 +213,7 @@ def test_input_task_measures_the_pipeline(tmp_path, monkeypatch):
 def test_checkpoint_task_saves_the_whole_train_state(tmp_path, monkeypatch):
     import jax
 
-    from diffusion_jax import checkpoint
+    from diffusion_jax.training import checkpoint
 
     saved = []
     save = checkpoint.save
@@ -227,7 +227,7 @@ def test_checkpoint_task_saves_the_whole_train_state(tmp_path, monkeypatch):
     opts = bench.Options(
         only=("checkpoint",), warmup=0, repeats=2, init="host", checkpoint_dir=str(tmp_path)
     )
-    result = tasks.run_benchmark(config, opts, log=lambda s: None)
+    result = measure.run_benchmark(config, opts, log=lambda s: None)
     (row,) = result["results"]
     _, _, state, _ = state_lib.init_train_state(config)
     assert len(saved) == 2
@@ -248,6 +248,6 @@ def test_inception_task_on_grey_data():
     opts = bench.Options(
         only=("inception",), inception_batch=8, inception_size=75, repeats=1, num_devices=1
     )
-    (row,) = tasks.run_benchmark(digits_config(), opts, log=lambda s: None)["results"]
+    (row,) = measure.run_benchmark(digits_config(), opts, log=lambda s: None)["results"]
     assert row["task"] == "inception" and row["batch"] == 8 and row["images_per_s"] > 0
     assert row["flops"] > 0 and row["memory"]["temp_bytes"] > 0

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from conftest import DAMAGE, ONE_DATA_FILE, REPO, restore_state, tiny_mlp_config, tree_allclose
 
-from diffusion_jax import checkpoint, train
-from diffusion_jax import state as state_lib
 from diffusion_jax.evaluation import job
+from diffusion_jax.training import checkpoint, checkpoint_errors, checkpoint_files, loop
+from diffusion_jax.training import state as state_lib
 
 # The command-line flags that make configs/swissroll.py the config of `tiny_mlp_config`.
 MLP_FLAGS = [
@@ -55,7 +55,7 @@ def config(num_train_steps=6):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
-    train.train_and_evaluate(config(), str(workdir))
+    loop.train(config(), str(workdir))
     assert checkpoint.checkpoint_steps(workdir) == [2, 4, 6]
     return workdir
 
@@ -154,16 +154,16 @@ def test_checksums_are_exact_integer_sums_of_the_bits():
         "h": jnp.asarray(rng.normal(size=(6, 2)), jnp.bfloat16),
         "s": jnp.asarray(7, jnp.int32),
     }
-    got = checkpoint.state_checksums(tree)
+    got = checkpoint_files.state_checksums(tree)
     for name, x in tree.items():
         x = np.asarray(x)
         bits = x.view({2: np.uint16, 4: np.uint32}[x.itemsize]).astype(np.uint64).ravel()
         weight = (np.arange(bits.size, dtype=np.uint64) * 0x9E3779B1 + 1) % 2**32
         assert got[name] == [int(bits.sum() % 2**32), int((bits * weight % 2**32).sum() % 2**32)]
     flipped = dict(tree, w=tree["w"].at[1, 2, 3].multiply(-1.0))
-    assert checkpoint.state_checksums(flipped)["w"] != got["w"]
-    ordered, swapped = (checkpoint.state_checksums(jnp.arange(4) * s) for s in (1, -1))
-    reordered = checkpoint.state_checksums(jnp.arange(4)[::-1])  # same values, other places
+    assert checkpoint_files.state_checksums(flipped)["w"] != got["w"]
+    ordered, swapped = (checkpoint_files.state_checksums(jnp.arange(4) * s) for s in (1, -1))
+    reordered = checkpoint_files.state_checksums(jnp.arange(4)[::-1])  # same values, other places
     assert ordered[""][0] == reordered[""][0] and ordered[""][1] != reordered[""][1]
     assert swapped != ordered
 
@@ -248,7 +248,7 @@ def test_training_resumes_from_the_newest_readable_checkpoint(workdir, trained, 
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     damage(workdir, 6, "data truncated")
     damaged = listing(workdir / "checkpoints" / "6")
-    train.train_and_evaluate(config(8), str(workdir))
+    loop.train(config(8), str(workdir))
     gc.collect()
     assert unraisable == []
     out, err = capfd.readouterr()
@@ -269,7 +269,7 @@ def test_no_readable_checkpoint_is_one_error_and_changes_nothing(workdir, capfd)
         damage(workdir, step, "data truncated")
     before = listing(workdir / "checkpoints")
     with pytest.raises(checkpoint.CheckpointError) as info:
-        train.train_and_evaluate(config(8), str(workdir))
+        loop.train(config(8), str(workdir))
     message = str(info.value)
     assert "\n" not in message and message.startswith("no readable checkpoint in ")
     assert all(f"step {s}: default/" in message for s in (2, 4, 6))
@@ -351,7 +351,7 @@ def test_full_disk_during_a_save_stops_with_one_line(where, tmp_path, trained, c
         mp.setattr(checkpoint, "save", recording_save)
         mp.setattr(fault["_cls"], METHODS[where], fault["_full"])
         with pytest.raises(checkpoint.CheckpointError) as info:
-            train.train_and_evaluate(config(), str(workdir))
+            loop.train(config(), str(workdir))
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"could not write checkpoint 4 to {workdir / 'checkpoints'}: ")
@@ -369,7 +369,7 @@ def test_full_disk_during_a_save_stops_with_one_line(where, tmp_path, trained, c
     tree_allclose(restore_state(config(), workdir, 2), saved[2], atol=0)
 
     # With space again, the run resumes from step 2 and ends as the uninterrupted one.
-    train.train_and_evaluate(config(), str(workdir))
+    loop.train(config(), str(workdir))
     assert checkpoint.checkpoint_steps(workdir) == [2, 4, 6]
     assert not list((workdir / "checkpoints").glob("*tmp*"))
     tree_allclose(restore_state(config(), workdir, 6), restore_state(config(), trained, 6), atol=0)
@@ -393,11 +393,11 @@ def test_error_descriptions_are_a_few_words():
         'of local file "/w/checkpoints/6/default/d/abc": Requested byte range [0, 10) is not '
         'valid for value of size 5 [tensorstore_spec=\'{"driver": "zarr"}\']'
     )
-    described = checkpoint.describe_error(e, "/w/checkpoints")
+    described = checkpoint_errors.describe_error(e, "/w/checkpoints")
     assert described == "6/default/d/abc: truncated (5 of 10 bytes)"
-    assert checkpoint.describe_error(OSError(errno.ENOSPC, "x")) == "no space left on device"
-    assert checkpoint.describe_error(RuntimeError("x")) == "RuntimeError: x"
-    assert len(checkpoint.describe_error(ValueError("DATA_LOSS: " + "x" * 999))) <= 300
+    assert checkpoint_errors.describe_error(OSError(errno.ENOSPC, "x")) == "no space left on device"
+    assert checkpoint_errors.describe_error(RuntimeError("x")) == "RuntimeError: x"
+    assert len(checkpoint_errors.describe_error(ValueError("DATA_LOSS: " + "x" * 999))) <= 300
 
 
 def test_config_json_is_whole_after_a_failed_write(tmp_path, monkeypatch):
@@ -521,10 +521,10 @@ def strip_file_record(step_dir):
     """Makes `step_dir` a checkpoint as versions before the file record wrote it."""
     import json
 
-    (step_dir / checkpoint.FILES_NAME).unlink()
+    (step_dir / checkpoint_files.FILES_NAME).unlink()
     path = step_dir / "_CHECKPOINT_METADATA"
     metadata = json.loads(path.read_text())
-    del metadata["custom_metadata"][checkpoint.FILES_KEY]
+    del metadata["custom_metadata"][checkpoint_files.FILES_KEY]
     path.write_text(json.dumps(metadata))
 
 
@@ -552,7 +552,7 @@ def checkpoint_listing(workdir):
 
 FAULT_PRELUDE = """
 import orbax.checkpoint as ocp
-from diffusion_jax import checkpoint
+from diffusion_jax.training import checkpoint
 checkpoint.READ_RETRY_DELAYS_S = (0.1, 0.1, 0.1, 0.1)
 _real, _calls = ocp.CheckpointManager.restore, []
 

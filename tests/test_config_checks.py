@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from configs import digits
-from diffusion_jax import config_checks, distributed, errors, generation, schedules
+from diffusion_jax.diffusion import schedules
+from diffusion_jax.runtime import distributed, errors
+from diffusion_jax.sampling import generation
+from diffusion_jax.training import config_checks
 
 
 def config(**overrides):
@@ -118,7 +121,7 @@ def test_evaluators_are_checked_by_what_they_declare(data, instance, match):
 
 
 def test_every_evaluator_declares_its_needs():
-    from diffusion_jax.evaluation import EVALUATORS, Need, evaluator_class
+    from diffusion_jax.evaluation.evaluators import EVALUATORS, Need, evaluator_class
 
     for name in EVALUATORS:
         needs = evaluator_class(name).needs

@@ -1,4 +1,4 @@
-"""Weight import (diffusion_jax.convert) on synthetic checkpoints with the real key names.
+"""Weight import (diffusion_jax.tools.convert) on synthetic checkpoints with the real key names.
 
 * diffusers: a tiny google/ddpm-cifar10-32-style folder (config.json + safetensors) whose
   state-dict names and torch shapes are generated here from UNet2DModel's block logic; the
@@ -20,8 +20,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from configs.base import get_base_config
-from diffusion_jax import convert
 from diffusion_jax.models import build_model
+from diffusion_jax.tools.convert import cli, from_diffusers, from_tf, imported, mapping
 
 # google/ddpm-cifar10-32's config.json, shrunk (2 levels, 1 block, 8/16 channels, 4 groups).
 DIFFUSERS_CONFIG = {
@@ -227,7 +227,7 @@ def _forward(graphdef, state, x, t):
 
 
 def jax_forward(model_config, params, x_nchw, t):
-    graphdef, state = nnx.split(convert.build_imported_model(model_config, params))
+    graphdef, state = nnx.split(imported.build_imported_model(model_config, params))
     out = _forward(graphdef, state, jnp.asarray(x_nchw.transpose(0, 2, 3, 1)), jnp.asarray(t))
     return np.asarray(out).transpose(0, 3, 1, 2)
 
@@ -254,12 +254,12 @@ def test_diffusers_import_matches_numpy_reference(tmp_path, diffusers_sd, legacy
             sd[k] = v
         assert set(sd) == set(diffusers_shapes(DIFFUSERS_CONFIG, legacy=True))
     write_diffusers(tmp_path, DIFFUSERS_CONFIG, sd)
-    cfg, params = convert.convert_diffusers(tmp_path)
+    cfg, params = from_diffusers.convert_diffusers(tmp_path)
     assert cfg.model.ch == 8 and cfg.model.ch_mult == (1, 2)
     assert cfg.model.num_res_blocks == 1 and cfg.model.attn_resolutions == (16,)
     assert cfg.data.image_size == 32 and cfg.data.channels == 3 and "diffusion" not in cfg
     assert cfg.model.num_groups == 4 and cfg.model.norm_eps == 1e-6
-    flat = convert.flatten_params(params)  # every parameter filled, every tensor consumed
+    flat = mapping.flatten_params(params)  # every parameter filled, every tensor consumed
     assert sum(v.size for v in flat.values()) == sum(v.size for v in sd.values())
     assert len(flat) == len(sd)
     x, t = inputs(DIFFUSERS_CONFIG)
@@ -278,13 +278,13 @@ def test_diffusers_import_matches_numpy_reference(tmp_path, diffusers_sd, legacy
 
 
 def test_diffusers_reports_missing_extra_and_mismatched(diffusers_sd):
-    cfg = convert.diffusers_model_config(DIFFUSERS_CONFIG)
+    cfg = from_diffusers.diffusers_model_config(DIFFUSERS_CONFIG)
     sd = dict(diffusers_sd)
     del sd["mid_block.attentions.0.to_q.bias"]
     sd["mid_block.attentions.0.bogus.weight"] = np.zeros((2,), np.float32)
     sd["conv_out.weight"] = np.zeros((3, 8, 1, 1), np.float32)
     with pytest.raises(ValueError) as e:
-        convert.convert_diffusers_state(sd, cfg)
+        from_diffusers.convert_diffusers_state(sd, cfg)
     msg = str(e.value)
     assert "missing keys (1)" in msg and "mid_block.attentions.0.to_q.bias" in msg
     assert "extra keys (1)" in msg and "mid_block.attentions.0.bogus.weight" in msg
@@ -297,40 +297,40 @@ def test_diffusers_reports_missing_extra_and_mismatched(diffusers_sd):
 )
 def test_diffusers_rejects_other_architectures(field, value):
     with pytest.raises(ValueError, match=field):
-        convert.diffusers_model_config({**DIFFUSERS_CONFIG, field: value})
+        from_diffusers.diffusers_model_config({**DIFFUSERS_CONFIG, field: value})
 
 
 def test_diffusers_learned_variance_config():
-    cfg = convert.diffusers_model_config({**DIFFUSERS_CONFIG, "out_channels": 6})
+    cfg = from_diffusers.diffusers_model_config({**DIFFUSERS_CONFIG, "out_channels": 6})
     assert cfg.diffusion.model_var_type == "learned_range"
-    merged = convert.merge_imported_config(get_base_config(), cfg)
+    merged = mapping.merge_imported_config(get_base_config(), cfg)
     assert merged.diffusion.model_var_type == "learned_range" and merged.model.ch == 8
     base = get_base_config()
     base.diffusion.model_var_type = "learned"
     with pytest.raises(ValueError, match="fixed variance"):
-        convert.merge_imported_config(base, convert.diffusers_model_config(DIFFUSERS_CONFIG))
+        mapping.merge_imported_config(base, from_diffusers.diffusers_model_config(DIFFUSERS_CONFIG))
 
 
 def test_save_load_roundtrip_cli_and_merge(tmp_path, diffusers_sd):
     src, out = tmp_path / "src", tmp_path / "out"
     write_diffusers(src, DIFFUSERS_CONFIG, diffusers_sd)
-    convert.main(["--source", str(src), "--out", str(out)])
-    cfg, params = convert.load_imported(out)
-    cfg0, params0 = convert.convert_diffusers(src)
+    cli.main(["--source", str(src), "--out", str(out)])
+    cfg, params = imported.load_imported(out)
+    cfg0, params0 = from_diffusers.convert_diffusers(src)
     assert cfg.to_dict() == cfg0.to_dict()
-    a, b = convert.flatten_params(params), convert.flatten_params(params0)
+    a, b = mapping.flatten_params(params), mapping.flatten_params(params0)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # the merged experiment config builds a model that accepts the parameters
-    merged = convert.merge_imported_config(get_base_config(), cfg)
+    merged = mapping.merge_imported_config(get_base_config(), cfg)
     model = nnx.eval_shape(lambda: build_model(merged, nnx.Rngs(0)))
-    convert.load_params_into(model, params)
+    imported.load_params_into(model, params)
     np.testing.assert_array_equal(
         np.asarray(model.conv_out.kernel.get_value()), params["conv_out"]["kernel"]
     )
     bad = dict(params)
     bad.pop("conv_in")
     with pytest.raises(ValueError, match="conv_in/kernel"):
-        convert.load_params_into(model, bad)
+        imported.load_params_into(model, bad)
 
 
 # --------------------------------------------------------------------------------------
@@ -417,15 +417,15 @@ def test_tf_import_uses_ema_and_matches_diffusers(tf_checkpoint, diffusers_sd):
     prefix, ema = tf_checkpoint
     assert "model/down_0/block_0/conv1/W" in ema and "model/temb/dense0/W" in ema
     assert "model/down_1/attn_0/q/W" in ema and "model/up_1/upsample/conv/W" in ema
-    cfg, params = convert.convert_tf(prefix, num_groups=4)  # image size: attention at 16
-    cfg_d = convert.diffusers_model_config(DIFFUSERS_CONFIG)
-    params_d = convert.convert_diffusers_state(diffusers_sd, cfg_d)
+    cfg, params = from_tf.convert_tf(prefix, num_groups=4)  # image size: attention at 16
+    cfg_d = from_diffusers.diffusers_model_config(DIFFUSERS_CONFIG)
+    params_d = from_diffusers.convert_diffusers_state(diffusers_sd, cfg_d)
     assert cfg.to_dict() == cfg_d.to_dict()
-    a, b = convert.flatten_params(params), convert.flatten_params(params_d)
+    a, b = mapping.flatten_params(params), mapping.flatten_params(params_d)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=0, err_msg=k)
-    _, raw = convert.convert_tf(prefix, use_ema=False, num_groups=4)
+    _, raw = from_tf.convert_tf(prefix, use_ema=False, num_groups=4)
     np.testing.assert_allclose(raw["conv_in"]["kernel"], params["conv_in"]["kernel"] + 1.0)
 
 
@@ -433,8 +433,8 @@ def test_tf_resampling_matches_tensorflow_ops(tf_checkpoint):
     import tensorflow as tf
 
     prefix, ema = tf_checkpoint
-    cfg, params = convert.convert_tf(prefix, num_groups=4)
-    model = convert.build_imported_model(cfg, params)
+    cfg, params = from_tf.convert_tf(prefix, num_groups=4)
+    model = imported.build_imported_model(cfg, params)
     x = np.random.default_rng(0).standard_normal((2, 8, 8, 8)).astype(np.float32)
     w, b = ema["model/down_0/downsample/conv/W"], ema["model/down_0/downsample/conv/b"]
     want = tf.nn.conv2d(x, w, strides=2, padding="SAME").numpy() + b
@@ -453,7 +453,7 @@ def test_tf_reports_missing_extra_and_mismatched(tf_checkpoint):
     variables["model/mid/attn_1/extra/W"] = np.zeros((2, 2), np.float32)
     variables["model/up_0/block_1/conv2/W"] = np.zeros((3, 3, 8, 9), np.float32)
     with pytest.raises(ValueError) as e:
-        convert.convert_tf_variables(variables, num_groups=4)
+        from_tf.convert_tf_variables(variables, num_groups=4)
     msg = str(e.value)
     assert "model/mid/attn_1/q/b" in msg and "model/mid/attn_1/extra/W" in msg
     assert "model/up_0/block_1/conv2/W: checkpoint (3, 3, 8, 9) vs model (3, 3, 8, 8)" in msg

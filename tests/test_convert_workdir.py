@@ -1,4 +1,4 @@
-"""`python -m diffusion_jax.convert --source SRC --workdir W --config FILE`: released weights
+"""`python -m diffusion_jax.tools.convert --source SRC --workdir W --config FILE`: released weights
 as a workdir that the evaluation job and sample mode use like a trained run's.
 
 The source is the synthetic google/ddpm-cifar10-32-style diffusers folder of test_convert.py
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from test_convert import DIFFUSERS_CONFIG, diffusers_shapes, random_state_dict, write_diffusers
 
-from diffusion_jax import checkpoint, convert, distributed
-from diffusion_jax import state as state_lib
+from diffusion_jax.runtime import distributed
+from diffusion_jax.tools.convert import cli, from_diffusers, imported, mapping
+from diffusion_jax.training import checkpoint
+from diffusion_jax.training import state as state_lib
 
 CIFAR10_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10.py")
 
@@ -23,9 +25,9 @@ def converted(tmp_path_factory):
     source = tmp_path_factory.mktemp("diffusers")
     write_diffusers(source, DIFFUSERS_CONFIG, random_state_dict(diffusers_shapes(DIFFUSERS_CONFIG)))
     workdir = tmp_path_factory.mktemp("converted")
-    convert.main(["--source", str(source), "--workdir", str(workdir), "--config", CIFAR10_CONFIG])
-    model_config, params = convert.convert_diffusers(source)
-    config = convert.merge_imported_config(convert.load_config_file(CIFAR10_CONFIG), model_config)
+    cli.main(["--source", str(source), "--workdir", str(workdir), "--config", CIFAR10_CONFIG])
+    model_config, params = from_diffusers.convert_diffusers(source)
+    config = mapping.merge_imported_config(imported.load_config_file(CIFAR10_CONFIG), model_config)
     return source, workdir, config, params
 
 
@@ -39,9 +41,9 @@ def test_workdir_holds_config_and_a_full_train_state_of_the_imported_weights(con
 
     _, _, abstract = state_lib.abstract_train_state(config, distributed.make_mesh())
     state = checkpoint.restore_step(workdir, 0, abstract)
-    want = convert.flatten_params(params)
+    want = mapping.flatten_params(params)
     for tree in (state.params, state.ema_params):
-        got = convert.flatten_params(jax.device_get(tree.to_pure_dict()))
+        got = mapping.flatten_params(jax.device_get(tree.to_pure_dict()))
         assert got.keys() == want.keys()
         for name, value in want.items():
             np.testing.assert_array_equal(got[name], value, err_msg=name)
@@ -52,14 +54,12 @@ def test_workdir_holds_config_and_a_full_train_state_of_the_imported_weights(con
 def test_existing_checkpoints_are_not_overwritten_and_cli_needs_a_config(converted, capsys):
     source, workdir, _, _ = converted
     with pytest.raises(SystemExit) as exit_info:
-        convert.main(
-            ["--source", str(source), "--workdir", str(workdir), "--config", CIFAR10_CONFIG]
-        )
+        cli.main(["--source", str(source), "--workdir", str(workdir), "--config", CIFAR10_CONFIG])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "already holds checkpoints" in err
     assert len(err.strip().splitlines()) == 1  # one line, no traceback
     with pytest.raises(SystemExit):
-        convert.main(["--source", str(source), "--workdir", str(workdir)])
+        cli.main(["--source", str(source), "--workdir", str(workdir)])
     assert "--workdir needs --config" in capsys.readouterr().err
 
 
@@ -69,7 +69,7 @@ def test_a_source_that_is_no_checkpoint_ends_in_one_line(tmp_path, capsys, kind)
     if kind == "empty":
         source.mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        convert.main(["--source", str(source), "--out", str(tmp_path / "out")])
+        cli.main(["--source", str(source), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and len(err.splitlines()) == 1
     assert ("does not exist" if kind == "missing" else "holds neither format") in err

@@ -19,10 +19,12 @@ import pytest
 from conftest import REPO, restore_state, tiny_mlp_config, tree_allclose
 
 from configs import digits_distill, swissroll
-from diffusion_jax import checkpoint, config_checks, distill, errors, process, sample, train
-from diffusion_jax import state as state_lib
-from diffusion_jax.evaluation import job
+from diffusion_jax.diffusion import process
+from diffusion_jax.evaluation import job, sample_job
+from diffusion_jax.runtime import errors
 from diffusion_jax.sampling import registry, run
+from diffusion_jax.training import checkpoint, config_checks, distill, loop
+from diffusion_jax.training import state as state_lib
 
 
 def _config(start_steps=16, end_steps=4, **distill_fields):
@@ -189,7 +191,7 @@ def teacher(tmp_path_factory):
     machinery is the model's; an MLP compiles in seconds where a U-Net takes a minute."""
     workdir = tmp_path_factory.mktemp("teacher")
     config = tiny_mlp_config(training__num_train_steps=2, training__checkpoint_every=2)
-    train.train_and_evaluate(config, str(workdir))
+    loop.train(config, str(workdir))
     return workdir
 
 
@@ -231,7 +233,7 @@ def _student_config(teacher, **overrides):
 def student(teacher, tmp_path_factory):
     """A finished distillation of `teacher`: round 0 (fine-tune) and round 1 (4 steps)."""
     workdir = tmp_path_factory.mktemp("student")
-    state = train.train_and_evaluate(_student_config(teacher), str(workdir))
+    state = loop.train(_student_config(teacher), str(workdir))
     assert int(state.step) == 6
     return workdir
 
@@ -240,10 +242,10 @@ def test_a_round_resumes_bit_identically_without_the_teachers_workdir(teacher, s
     """The checkpoint holds the round's teacher: the resumed run never reads its workdir."""
     copy = shutil.copytree(teacher, tmp_path / "teacher")
     config = _student_config(copy, **{"training.num_train_steps": 4})  # stops inside round 1
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    loop.train(config, str(tmp_path / "run"))
     shutil.rmtree(copy)
     config.training.num_train_steps = 0
-    train.train_and_evaluate(config, str(tmp_path / "run"))  # resumes from step 4
+    loop.train(config, str(tmp_path / "run"))  # resumes from step 4
     a = restore_state(config, student, 6)
     b = restore_state(config, tmp_path / "run", 6)
     assert isinstance(b, state_lib.DistillState)
@@ -267,7 +269,7 @@ def test_every_rounds_last_student_is_kept_when_calls_do_not_divide_a_round(teac
             "training.log_every": 10,
         },
     )
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train(config, str(tmp_path))
     assert checkpoint.checkpoint_steps(tmp_path) == [21, 42, 63]
     saved = {s: restore_state(config, tmp_path, s) for s in (21, 42, 63)}
     assert {s: int(state.step) for s, state in saved.items()} == {21: 21, 42: 42, 63: 63}
@@ -312,10 +314,10 @@ def test_the_students_workdir_samples_and_evaluates_with_its_step_count(teacher,
     config = _student_config(teacher)
     config.sampling.num_samples = 16
     config.sampling.batch_size = 16
-    directory = sample.sample(config, str(student))
+    directory = sample_job.sample(config, str(student))
     settings = json.loads((directory / "settings.json").read_text())
     assert (settings["method"], settings["spacing"], settings["nfe"]) == ("ddim", "trailing", 4)
-    assert sample.load_samples(directory, 16).shape == (16, 2)
+    assert sample_job.load_samples(directory, 16).shape == (16, 2)
     config.eval.evaluators = ("samples",)
     config.eval.once = True
     config.eval.num_samples = 16

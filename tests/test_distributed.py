@@ -1,4 +1,4 @@
-"""diffusion_jax.distributed: the XLA compiler options every jitted model program gets."""
+"""diffusion_jax.runtime.distributed: the XLA compiler options every jitted model program gets."""
 
 import inspect
 import types
@@ -11,10 +11,13 @@ from flax import nnx
 from jax import lax
 
 from configs.cifar10 import get_config
-from diffusion_jax import distributed, errors, generation, process, train_step
-from diffusion_jax import state as state_lib
+from diffusion_jax.diffusion import process
 from diffusion_jax.evaluation import bpd
 from diffusion_jax.metrics import inception
+from diffusion_jax.runtime import distributed, errors
+from diffusion_jax.sampling import generation
+from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import train_step
 
 
 def _tap(a: np.ndarray, i: int, j: int) -> np.ndarray:

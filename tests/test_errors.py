@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from diffusion_jax import errors
+from diffusion_jax.runtime import errors
 
 
 def test_reported_turns_only_user_errors_into_one_line(capsys, monkeypatch):
@@ -53,7 +53,7 @@ def test_cli_bug_keeps_its_traceback():
     """A ValueError from the code (here injected into the config checks) is not a user error:
     its traceback and where it happened are shown."""
     prelude = (
-        "from diffusion_jax import config_checks\n"
+        "from diffusion_jax.training import config_checks\n"
         "def broken(*args, **kwargs):\n"
         "    raise ValueError('operands could not be broadcast together')\n"
         "config_checks.validate_config = broken\n"

@@ -19,20 +19,15 @@ from jax._src import compilation_cache
 from PIL import Image
 
 from configs.digits import get_config
-from diffusion_jax import (
-    checkpoint,
-    config_checks,
-    convert,
-    distributed,
-    errors,
-    generation,
-    input_pipeline,
-    sample,
-)
-from diffusion_jax import state as state_lib
-from diffusion_jax.evaluation import base, bpd, job, pictures, quality
+from diffusion_jax import input_pipeline
+from diffusion_jax.evaluation import base, bpd, job, pictures, quality, sample_job
 from diffusion_jax.evaluation import fid as fid_eval
-from diffusion_jax.metrics import fid
+from diffusion_jax.metrics import frechet
+from diffusion_jax.runtime import distributed, errors
+from diffusion_jax.sampling import generation
+from diffusion_jax.tools import convert
+from diffusion_jax.training import checkpoint, config_checks
+from diffusion_jax.training import state as state_lib
 
 PNG_KINDS = ("samples", "progressive", "rate_distortion", "interpolation")
 
@@ -220,7 +215,7 @@ def test_bpd_is_finite_and_above_the_entropy_bound(workdir):
 def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
     config = tiny_config()  # 40 samples in shards of 16: 3 shards
     config.sampling.max_shards = 2
-    directory = sample.sample(config, workdir)
+    directory = sample_job.sample(config, workdir)
     assert directory == workdir / "samples" / "3"
     first = sorted(directory.glob("shard_*.npz"))
     assert [p.name for p in first] == ["shard_00000.npz", "shard_00001.npz"]
@@ -229,13 +224,13 @@ def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
     before = {p.name: (os.stat(p).st_mtime_ns, p.read_bytes()) for p in first}
 
     config.sampling.max_shards = 0
-    sample.sample(config, workdir)
+    sample_job.sample(config, workdir)
     shards = sorted(directory.glob("shard_*.npz"))
     assert len(shards) == 3 and not list(directory.glob(".*tmp*"))
     for name, (mtime, data) in before.items():
         assert os.stat(directory / name).st_mtime_ns == mtime
         assert (directory / name).read_bytes() == data
-    samples = sample.load_samples(directory, 40)
+    samples = sample_job.load_samples(directory, 40)
     assert samples.shape == (40, 8, 8, 1) and samples.dtype == np.uint8
     assert len(np.unique(samples.reshape(40, -1), axis=0)) == 40
     with Image.open(directory / "grid.png") as img:
@@ -243,7 +238,7 @@ def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
 
     config.sampling.method = "ddim"  # other settings: resuming into this folder is refused
     with pytest.raises(errors.UserError, match="other settings"):
-        sample.sample(config, workdir)
+        sample_job.sample(config, workdir)
 
 
 def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
@@ -266,17 +261,19 @@ def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
     assert record["fid_num_samples"] == 32
     assert np.isfinite(record["bpd"])
 
-    samples = sample.load_samples(workdir / "eval" / "samples" / "3", 32)
-    is_mean, is_std = fid.inception_score(fake_feature_fn(np.repeat(samples, 3, -1))[1], splits=2)
+    samples = sample_job.load_samples(workdir / "eval" / "samples" / "3", 32)
+    is_mean, is_std = frechet.inception_score(
+        fake_feature_fn(np.repeat(samples, 3, -1))[1], splits=2
+    )
     assert (record["is"], record["is_std"]) == pytest.approx((is_mean, is_std), rel=1e-6)
 
     stats_path = fid_eval.reference_stats_path(config)
     assert stats_path.name == "fid_stats_digits_train_8.npz" and stats_path.exists()
-    mu, sigma = fid.load_statistics(stats_path)
+    mu, sigma = frechet.load_statistics(stats_path)
     assert mu.shape == (16,) and sigma.shape == (16, 16)
 
-    expected = fid.frechet_distance(
-        *fid.compute_statistics(fake_feature_fn(np.repeat(samples, 3, axis=-1))[0]), mu, sigma
+    expected = frechet.frechet_distance(
+        *frechet.compute_statistics(fake_feature_fn(np.repeat(samples, 3, axis=-1))[0]), mu, sigma
     )
     assert record["fid"] == pytest.approx(expected, rel=1e-6)
 
@@ -308,7 +305,7 @@ def test_picture_layouts():
 def test_class_conditional_model_trains_with_label_dropout_and_samples_guided(tmp_path, capsys):
     """A conditional network end to end: label dropout trains the null class, and the
     evaluation's sampler and --mode sample use classifier-free guidance with cycling labels."""
-    from diffusion_jax import train  # the training loop itself, as main.py runs it
+    from diffusion_jax.training import loop  # the training loop itself, as main.py runs it
 
     config = tiny_config()
     config.model.num_classes = 10
@@ -321,7 +318,7 @@ def test_class_conditional_model_trains_with_label_dropout_and_samples_guided(tm
     config.eval.evaluators = ("samples", "bpd")
     config.training.final_samples = 40
     workdir = tmp_path / "conditional"
-    state = train.train_and_evaluate(config, workdir)
+    state = loop.train(config, workdir)
     # The run ends with its final grid and the quality of those samples beside the real floor.
     out = capsys.readouterr().out
     assert (workdir / "samples" / "final.png").exists() and "Final samples:" in out
@@ -344,7 +341,7 @@ def test_class_conditional_model_trains_with_label_dropout_and_samples_guided(tm
 
     record = job.evaluate_checkpoint(config, workdir, 3)
     assert np.isfinite(record["bpd"]) and (workdir / "eval" / "samples_00000003.png").exists()
-    with (sample.sample(config, workdir) / "shard_00000.npz").open("rb") as f:
+    with (sample_job.sample(config, workdir) / "shard_00000.npz").open("rb") as f:
         shard = np.load(f)
         np.testing.assert_array_equal(shard["label"], np.arange(16) % 10)
         assert np.isfinite(shard["image"]).all()
@@ -360,7 +357,7 @@ def test_ode_bpd_and_sample_quality_evaluators(workdir):
     assert record["ode_nfe"] == 12 and record["ode_num_examples"] == 16
     assert np.isfinite(record["ode_bpd"]) and record["ode_bpd_se"] > 0
     # The eval job's samples are the ones scored, and the score is the metric's own.
-    samples = sample.load_samples(workdir / "eval" / "samples" / "3", 32)
+    samples = sample_job.load_samples(workdir / "eval" / "samples" / "3", 32)
     expected = quality.score(samples)
     assert record["quality_num_samples"] == 32
     assert record["digits_fd"] == pytest.approx(expected["digits_fd"], rel=1e-9)
@@ -377,8 +374,8 @@ def test_evaluator_instances_run_with_their_own_sampler(workdir):
     config.eval.evaluators = ("quality", "quality_ddim")
     config_checks.validate_config(config, "eval")
     record = job.evaluate_checkpoint(config, workdir, 3)
-    shared = sample.load_samples(workdir / "eval" / "samples" / "3", 32)
-    own = sample.load_samples(workdir / "eval" / "samples" / "quality_ddim" / "3", 32)
+    shared = sample_job.load_samples(workdir / "eval" / "samples" / "3", 32)
+    own = sample_job.load_samples(workdir / "eval" / "samples" / "quality_ddim" / "3", 32)
     assert record["sample_method"] == "ancestral" and record["sample_nfe"] == 20
     assert record["quality_ddim/sample_method"] == "ddim"
     assert record["quality_ddim/sample_nfe"] == 5
@@ -478,14 +475,14 @@ def test_sample_mode_uses_the_newest_readable_checkpoint(workdir, capfd):
     config = tiny_config()
     config.sampling.num_samples = 16
     truncate_checkpoint(workdir, 3)
-    assert sample.sample(config, workdir) == workdir / "samples" / "2"
+    assert sample_job.sample(config, workdir) == workdir / "samples" / "2"
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
     (line,) = [line for line in out.splitlines() if "unreadable" in line]
     assert line.startswith("Checkpoint 3 in ") and "using step 2" in line
     config.sampling.checkpoint_step = 3  # asked for by its step: an error, in one line
     with pytest.raises(checkpoint.UnreadableCheckpointError, match="checkpoint 3 in .* truncated"):
-        sample.sample(config, workdir)
+        sample_job.sample(config, workdir)
 
 
 @pytest.mark.parametrize("name", ["bpd", "ode_bpd"])

@@ -1,11 +1,11 @@
-"""`diffusion_jax.files`: the one atomic write (checkpoint records, evaluation results, the
+"""`diffusion_jax.runtime.files`: the one atomic write (checkpoint records, evaluation results, the
 Inception weights' download, the digits classifier's cache)."""
 
 from __future__ import annotations
 
 import pytest
 
-from diffusion_jax import errors, files
+from diffusion_jax.runtime import errors, files
 
 
 def test_write_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):

@@ -15,19 +15,22 @@ import pytest
 from flax import nnx
 from torch_files import ForeignCall, save_torch_object, save_torch_state_dict
 
-from diffusion_jax import errors
 from diffusion_jax.metrics import inception as inc
+from diffusion_jax.metrics import inception_weights
 from diffusion_jax.metrics.inception import (
-    FID_WEIGHTS_FILENAME,
-    FID_WEIGHTS_URL,
     InceptionV3,
-    InceptionWeightsUnavailable,
-    inception_weights_path,
     load_inception_params,
     make_feature_fn,
     params_from_state_dict,
     preprocess,
 )
+from diffusion_jax.metrics.inception_weights import (
+    FID_WEIGHTS_FILENAME,
+    FID_WEIGHTS_URL,
+    InceptionWeightsUnavailable,
+    inception_weights_path,
+)
+from diffusion_jax.runtime import errors
 
 
 def _fid_inception_convs() -> list[tuple[str, int, int, int, int]]:
@@ -305,7 +308,7 @@ def test_explicit_cached_and_downloaded_weights(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
 
     digest = hashlib.sha256(payload).hexdigest()
-    monkeypatch.setattr(inc, "FID_WEIGHTS_SHA256_PREFIX", digest[:8])
+    monkeypatch.setattr(inception_weights, "FID_WEIGHTS_SHA256_PREFIX", digest[:8])
     path = inception_weights_path(download=fake_download)
     assert path == tmp_path / "cache" / FID_WEIGHTS_FILENAME
     assert path.read_bytes() == payload and calls == [FID_WEIGHTS_URL] * 2

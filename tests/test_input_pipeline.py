@@ -15,9 +15,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from configs.base import get_base_config
-from diffusion_jax import errors
 from diffusion_jax import input_pipeline as ip
 from diffusion_jax.input_pipeline import prepare
+from diffusion_jax.runtime import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -370,7 +370,7 @@ def test_reproduce_dry_run(env, tmp_path):
     assert result.returncode == 0, result.stderr
     convert, evaluate = commands(result.stdout)
     assert (
-        f"-m diffusion_jax.convert --source {source} --workdir {workdir} "
+        f"-m diffusion_jax.tools.convert --source {source} --workdir {workdir} "
         "--config configs/cifar10.py" in convert
     )
     assert f"--workdir {workdir} {EVAL_COMMAND} --config.eval.num_samples=5000" in evaluate

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import losses as L
-from diffusion_jax import process as D
-from diffusion_jax import schedules as S
+from diffusion_jax.diffusion import losses as L
+from diffusion_jax.diffusion import process as D
+from diffusion_jax.diffusion import schedules as S
 
 BETAS = S.get_beta_schedule("linear", 1000)
 

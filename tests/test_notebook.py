@@ -55,7 +55,7 @@ def test_notebook_structure():
     assert all(c.cell_type != "code" or not c.outputs for c in nb.cells), "commit it unexecuted"
     source = "\n".join(c.source for c in nb.cells)
     assert "huggingface-cli download google/ddpm-cifar10-32" in source
-    assert "train.train_and_evaluate(config, WORKDIR)" in source
+    assert "loop.train(config, WORKDIR)" in source
 
 
 def install_cell_functions() -> dict:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import ode_likelihood as OL
-from diffusion_jax import schedules as S
-from diffusion_jax.process import NoiseProcess
+from diffusion_jax.diffusion import ode_likelihood as OL
+from diffusion_jax.diffusion import schedules as S
+from diffusion_jax.diffusion.process import NoiseProcess
 
 N = 1000
 BETAS = S.get_beta_schedule("linear", N)

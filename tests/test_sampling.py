@@ -8,10 +8,11 @@ import pytest
 from conftest import draw, sampler_config
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import schedules as S
-from diffusion_jax.errors import ConfigError
-from diffusion_jax.process import NoiseProcess
-from diffusion_jax.sampling import grids, registry, run, steppers
+from diffusion_jax.diffusion import grids
+from diffusion_jax.diffusion import schedules as S
+from diffusion_jax.diffusion.process import NoiseProcess
+from diffusion_jax.runtime.errors import ConfigError
+from diffusion_jax.sampling import registry, run, steppers
 
 BETAS = S.get_beta_schedule("linear", 1000)
 S2 = 0.25  # data x_0 ~ N(0, S2), elementwise

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from diffusion_jax import process as P
-from diffusion_jax import schedules as S
+from diffusion_jax.diffusion import process as P
+from diffusion_jax.diffusion import schedules as S
 
 T = 1000
 

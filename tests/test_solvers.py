@@ -11,11 +11,11 @@ from conftest import draw, sampler_config
 from jax.extend import core as jex_core
 from jax.sharding import Mesh
 
-from diffusion_jax import generation
-from diffusion_jax import schedules as S
-from diffusion_jax.errors import ConfigError
-from diffusion_jax.process import NoiseProcess
-from diffusion_jax.sampling import grids, registry, run
+from diffusion_jax.diffusion import grids
+from diffusion_jax.diffusion import schedules as S
+from diffusion_jax.diffusion.process import NoiseProcess
+from diffusion_jax.runtime.errors import ConfigError
+from diffusion_jax.sampling import generation, registry, run
 
 T = 1000
 BETAS = S.get_beta_schedule("linear", T)

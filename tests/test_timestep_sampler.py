@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import timestep_sampler as TS
+from diffusion_jax.diffusion import timestep_sampler as TS
 
 
 def filled_history(num_t=5, k=3, seed=0):

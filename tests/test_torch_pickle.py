@@ -1,4 +1,4 @@
-"""diffusion_jax.torch_pickle: torch-free, code-free reading of torch.save state dicts.
+"""diffusion_jax.runtime.torch_pickle: torch-free, code-free reading of torch.save state dicts.
 
 Files are produced by tests/torch_files.py (checked against real torch.load/torch.save
 outside the default tests by launch/check_inception_vs_pytorch_fid.py).
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from torch_files import ForeignCall, RawTensor, save_torch_object, save_torch_state_dict
 
-from diffusion_jax.torch_pickle import (
+from diffusion_jax.runtime.torch_pickle import (
     TorchPickleError,
     load_torch_file,
     load_torch_state_dict,

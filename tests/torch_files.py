@@ -1,7 +1,7 @@
 """Write ``torch.save``-compatible files without torch (test helper, not part of the package).
 
 ``save_torch_state_dict`` produces the same container layouts that
-``diffusion_jax.torch_pickle`` reads (see its module docstring): the zip format
+``diffusion_jax.runtime.torch_pickle`` reads (see its module docstring): the zip format
 (``archive/data.pkl`` + ``archive/data/<key>`` + ``archive/byteorder``) or, with
 ``legacy=True``, the pre-1.6 stream (magic, protocol, sys_info, object, storage keys, raw
 storages each prefixed by an 8-byte element count). Tensors are pickled as

@@ -22,14 +22,15 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffusion_jax import distributed, errors, generation, logs, sample
-from diffusion_jax.evaluation import Need
-from diffusion_jax.sampling import registry
+from diffusion_jax.evaluation import sample_job
+from diffusion_jax.evaluation.evaluators import Need
+from diffusion_jax.runtime import distributed, errors, logs
+from diffusion_jax.sampling import generation, registry
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What an evaluator may use: the config (its instance's: `evaluation.instances`), the
+    """What an evaluator may use: the config (its instance's: `evaluators.instances`), the
     workdir, the device mesh, the pure network `apply(params, x, t, y=None) -> output`, and
     `samples_key`, the sub-folder of its sample shards ('' = the job's shared samples)."""
 
@@ -160,7 +161,7 @@ def padded_batches(
 class EvalSamples:
     """The eval job's samples of a checkpoint: `eval.num_samples` drawn with the configured
     sampler (batches of `sampling.batch_size`) into resumable shards `DIR/eval/samples/<step>/`
-    (`sample.write_sample_shards`), shared by every evaluator that scores samples: the one that
+    (`sample_job.write_sample_shards`), shared by every evaluator that scores samples: the one that
     runs first draws them, the others find them written."""
 
     def __init__(self, context: Context) -> None:
@@ -183,7 +184,7 @@ class EvalSamples:
         self._sampler = self._sampler or generation.make_sampler(
             c, ctx.apply, ctx.mesh, int(c.sampling.batch_size), c.sampling.respacing
         )
-        sample.write_sample_shards(c, self._sampler, params, directory, self.num_samples)
+        sample_job.write_sample_shards(c, self._sampler, params, directory, self.num_samples)
         return directory
 
     def settings(self) -> dict[str, Any]:

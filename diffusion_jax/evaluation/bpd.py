@@ -1,7 +1,7 @@
 """The variational bound in bits/dim (DDPM eq. 5) and its rate/distortion split (§4.3).
 
 Evaluator 'bpd': the full-chain bound on the first `eval.bpd_num_examples` images of
-`data.eval_split` (`likelihood.calc_bpd_loop`), with the EMA parameters; conditional models
+`data.eval_split` (`vlb.calc_bpd_loop`), with the EMA parameters; conditional models
 are evaluated with the true labels and without guidance. Pictures: the rate/distortion plot
 (DDPM Fig. 5); the curves are also kept in `eval/rate_distortion_<step>.npz`.
 """
@@ -17,17 +17,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import (
-    files,
-    generation,
-    input_pipeline,
-    likelihood,
-    logs,
-    process,
-    streams,
-    visualize,
-)
+from diffusion_jax import input_pipeline
+from diffusion_jax.diffusion import process, vlb
 from diffusion_jax.evaluation import base
+from diffusion_jax.runtime import files, logs, streams, visualize
+from diffusion_jax.sampling import generation
 
 
 def make_bpd_fn(
@@ -36,7 +30,7 @@ def make_bpd_fn(
     """Jitted `(params, image uint8 [B, H, W, C], label [B], mask [B], key) -> sums`.
 
     The sums over the unmasked examples (replicated): 'count', 'total_bpd', 'prior_bpd',
-    'vb' [T] and 'x0_mse' [T] of `likelihood.calc_bpd_loop` on the full chain, every network
+    'vb' [T] and 'x0_mse' [T] of `vlb.calc_bpd_loop` on the full chain, every network
     call at `eval.precision`. Conditional models use the true labels and no guidance.
     """
     diffusion = process.from_config(config.diffusion)
@@ -45,7 +39,7 @@ def make_bpd_fn(
 
     def per_example(params, image, label, key):
         y = label if conditional else None
-        out = likelihood.calc_bpd_loop(
+        out = vlb.calc_bpd_loop(
             diffusion,
             lambda x_t, t: apply(params, x_t, t, y),
             input_pipeline.to_model_range(image),
@@ -61,12 +55,12 @@ def summarize_bpd(sums: dict[str, np.ndarray]) -> dict[str, Any]:
     """Means of the sums of `make_bpd_fn`: 'bpd' (total bound), 'bpd_prior' (L_T),
     'bpd_rate' (L_1 + ... + L_T), 'bpd_distortion' (L_0, the decoder) in bits/dim, 'rmse'
     (distortion of x0_hat(x_1) on the 0-255 scale), 'count', and the curves 'rate' [T],
-    'distortion' [T], 'vb' [T] indexed by timestep (see `likelihood.rate_distortion`)."""
+    'distortion' [T], 'vb' [T] indexed by timestep (see `vlb.rate_distortion`)."""
     count = float(sums["count"])
     if count <= 0:
         raise ValueError("bits/dim: no evaluation examples")
     mean = {k: np.asarray(v, np.float64) / count for k, v in sums.items() if k != "count"}
-    rd = likelihood.rate_distortion(
+    rd = vlb.rate_distortion(
         {
             "vb": mean["vb"][None],
             "prior_bpd": mean["prior_bpd"][None],

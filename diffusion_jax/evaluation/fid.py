@@ -23,9 +23,10 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import distributed, errors, files, input_pipeline, logs, sample
-from diffusion_jax.evaluation import base
-from diffusion_jax.metrics import fid, inception
+from diffusion_jax import input_pipeline
+from diffusion_jax.evaluation import base, sample_job
+from diffusion_jax.metrics import frechet, inception, inception_weights
+from diffusion_jax.runtime import cache, distributed, errors, files, logs
 
 # [B, H, W, 3] uint8 NHWC -> (pool3 [B, D], logits [B, K]), host numpy in and out.
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -41,11 +42,12 @@ def load_feature_fn(config: ml_collections.ConfigDict) -> tuple[FeatureFn | None
     (`eval.inception_weights`, the cache, or a download unless DIFFUSION_JAX_OFFLINE)."""
     explicit = config.eval.inception_weights
     try:
-        path = inception.inception_weights_path(explicit)
-    except inception.InceptionWeightsUnavailable as e:
-        where = explicit or inception.default_cache_dir() / inception.FID_WEIGHTS_FILENAME
+        path = inception_weights.inception_weights_path(explicit)
+    except inception_weights.InceptionWeightsUnavailable as e:
+        name = inception_weights.FID_WEIGHTS_FILENAME
+        where = explicit or cache.default_cache_dir() / name
         return None, (
-            f"{str(e).splitlines()[0].rstrip('.')}; put {inception.FID_WEIGHTS_FILENAME} at "
+            f"{str(e).splitlines()[0].rstrip('.')}; put {name} at "
             f"{where} or set --config.eval.inception_weights=PATH"
         )
     mesh = distributed.make_mesh(jax.local_devices())
@@ -84,7 +86,7 @@ def reference_stats_path(config: ml_collections.ConfigDict) -> epath.Path:
     n = int(config.eval.fid_reference_examples)
     name = f"fid_stats_{config.data.name}_{config.eval.fid_split}_{config.data.image_size}"
     name += f"_n{n}.npz" if n > 0 else ".npz"
-    return epath.Path(inception.default_cache_dir()) / "fid_stats" / name
+    return epath.Path(cache.default_cache_dir()) / "fid_stats" / name
 
 
 def reference_statistics(
@@ -96,7 +98,7 @@ def reference_statistics(
     path = reference_stats_path(config)
     if path.exists():
         with path.open("rb") as f:
-            mu, sigma = fid.load_statistics(f)
+            mu, sigma = frechet.load_statistics(f)
         return mu, sigma, path
     if config.eval.fid_stats:
         raise errors.UserError(f"config.eval.fid_stats={config.eval.fid_stats!r}: no such file")
@@ -106,10 +108,10 @@ def reference_statistics(
         config, split, config.eval.fid_reference_examples, batch_size=config.eval.batch_size
     )
     pool3, _ = extract_features(feature_fn, (b["image"] for b in batches))
-    mu, sigma = fid.compute_statistics(pool3)
+    mu, sigma = frechet.compute_statistics(pool3)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    fid.save_statistics(buffer, mu, sigma)
+    frechet.save_statistics(buffer, mu, sigma)
     files.write_atomic(path, buffer.getvalue())
     return mu, sigma, path
 
@@ -123,10 +125,10 @@ def fid_and_inception_score(
     """FID of batches of uint8 NHWC `images` against `reference` (mu, sigma), and their
     Inception Score over `eval.is_splits` splits."""
     pool3, logits = extract_features(feature_fn, images)
-    mu, sigma = fid.compute_statistics(pool3)
-    is_mean, is_std = fid.inception_score(logits, splits=int(config.eval.is_splits))
+    mu, sigma = frechet.compute_statistics(pool3)
+    is_mean, is_std = frechet.inception_score(logits, splits=int(config.eval.is_splits))
     return {
-        "fid": fid.frechet_distance(mu, sigma, *reference),
+        "fid": frechet.frechet_distance(mu, sigma, *reference),
         "is": is_mean,
         "is_std": is_std,
         "fid_num_samples": len(pool3),
@@ -173,6 +175,6 @@ class FidInceptionScore:
         directory = self.samples.draw(params, step)
         if not logs.is_chief():
             return {}
-        images = sample.iter_samples(directory, self.samples.num_samples)
+        images = sample_job.iter_samples(directory, self.samples.num_samples)
         scores = fid_and_inception_score(self.context.config, feature_fn, images, reference)
         return {**scores, **self.samples.settings()}

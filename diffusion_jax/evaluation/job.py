@@ -20,19 +20,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffusion_jax import (
-    checkpoint,
-    config_checks,
-    distill,
-    distributed,
-    errors,
-    files,
-    generation,
-    logs,
-    visualize,
-)
-from diffusion_jax import state as state_lib
-from diffusion_jax.evaluation import base, evaluator_class, instances
+from diffusion_jax.evaluation import base, evaluators
+from diffusion_jax.evaluation.evaluators import evaluator_class, instances
+from diffusion_jax.runtime import distributed, errors, files, logs, visualize
+from diffusion_jax.sampling import generation
+from diffusion_jax.training import checkpoint, config_checks, distill
+from diffusion_jax.training import state as state_lib
 
 
 def metrics_path(workdir: str | epath.Path) -> epath.Path:
@@ -177,6 +170,7 @@ def evaluate_checkpoints(
     done. CheckpointError when no checkpoint of the workdir could be read at all.
     """
     config_checks.validate_config(config, "eval")
+    evaluators.check_config(config)
     workdir = epath.Path(workdir)
     if config.eval.once:
         checkpoint.check_workdir_exists(workdir)
@@ -193,7 +187,8 @@ def evaluate_checkpoints(
         if config.eval.once and not steps:
             raise errors.UserError(
                 f"no checkpoint in {checkpoint.checkpoints_dir(workdir)}: train first, or import "
-                "released weights with `python -m diffusion_jax.convert --source SRC --workdir DIR`"
+                "released weights with `python -m diffusion_jax.tools.convert --source SRC "
+                "--workdir DIR`"
             )
         todo = [s for s in (steps[-1:] if config.eval.once else steps) if s not in done]
         if config.eval.once and not todo:

@@ -20,8 +20,9 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from diffusion_jax import ode_likelihood, process, streams
+from diffusion_jax.diffusion import ode_likelihood, process
 from diffusion_jax.evaluation import base, bpd
+from diffusion_jax.runtime import streams
 
 
 def make_ode_bpd_fn(

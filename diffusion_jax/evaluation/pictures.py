@@ -13,18 +13,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffusion_jax import (
-    distributed,
-    errors,
-    generation,
-    input_pipeline,
-    logs,
-    process,
-    streams,
-    visualize,
-)
+from diffusion_jax import input_pipeline
+from diffusion_jax.diffusion import process
 from diffusion_jax.evaluation import base
-from diffusion_jax.sampling import registry, run
+from diffusion_jax.runtime import distributed, errors, logs, streams, visualize
+from diffusion_jax.sampling import generation, registry, run
 
 
 def progressive_strip(snapshots: np.ndarray, rows: int) -> tuple[np.ndarray, int]:

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from diffusion_jax import errors, logs, sample
-from diffusion_jax.evaluation import base
-from diffusion_jax.metrics.quality import HEADLINE, score, summary
+from diffusion_jax.evaluation import base, sample_job
+from diffusion_jax.metrics.dataset_quality import HEADLINE, score, summary
+from diffusion_jax.runtime import errors, logs
 
 __all__ = ["HEADLINE", "SampleQuality", "score", "summary"]
 
@@ -43,7 +43,7 @@ class SampleQuality:
         if not logs.is_chief():
             return {}
         num = self.samples.num_samples
-        result = score(sample.load_samples(directory, num))
+        result = score(sample_job.load_samples(directory, num))
         logs.log(f"  {summary(result)}")
         return {**result, "quality_num_samples": num, **self.samples.settings()}
 

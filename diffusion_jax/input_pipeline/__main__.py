@@ -2,8 +2,8 @@
 
 import sys
 
-from diffusion_jax import errors
 from diffusion_jax.input_pipeline.prepare import main
+from diffusion_jax.runtime import errors
 
 if __name__ == "__main__":
     with errors.reported():

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from diffusion_jax import errors
 from diffusion_jax.input_pipeline.datasets import Batch
 from diffusion_jax.input_pipeline.tf_data import StreamSource, import_tf, tf_options
+from diffusion_jax.runtime import errors
 
 # Tags separating the independent random streams derived from config.seed.
 

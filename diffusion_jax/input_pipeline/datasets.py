@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_jax import errors
+from diffusion_jax.runtime import errors
 
 DATASETS = (
     "cifar10",

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_jax import errors
 from diffusion_jax.input_pipeline import tfrecords
 from diffusion_jax.input_pipeline.datasets import (
     TFDS_NAMES,
@@ -24,6 +23,7 @@ from diffusion_jax.input_pipeline.tf_data import (
     tf_options,
     tf_square_resize,
 )
+from diffusion_jax.runtime import errors
 
 SWISSROLL_NUM_EXAMPLES = 10_000
 SWISSROLL_NOISE = 0.5

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_jax import errors
 from diffusion_jax.input_pipeline.batches import FILE_ORDER_STREAM
 from diffusion_jax.input_pipeline.datasets import (
     DatasetUnavailableError,
@@ -24,6 +23,7 @@ from diffusion_jax.input_pipeline.tf_data import (
     tf_options,
     tf_square_resize,
 )
+from diffusion_jax.runtime import errors
 
 _ENCODED_IMAGE_KEYS = ("image", "image/encoded", "image_raw", "img", "jpeg")
 _LABEL_KEYS = ("label", "image/class/label")

@@ -1,37 +1,10 @@
-"""Sample-quality metrics: FID and Inception Score with the FID Inception v3 network.
+"""Sample-quality metrics, in numpy or pure JAX, independent of how the samples were made.
 
-``fid`` holds the float64 numpy statistics (FID, IS, ``.npz`` statistics files);
-``inception`` holds the Flax NNX Inception v3 and its pytorch-fid weight loader.
+- `frechet`: Frechet distance (FID) and Inception Score from features, float64 numpy, and the
+  `.npz` statistics files of pytorch-fid and TTUR.
+- `inception`: the FID Inception v3 network in Flax NNX; `inception_weights`: where its weights
+  come from (a path, the cache, one checked download).
+- `digits`, `points`: the metrics of the data the project ships (a small classifier's feature
+  space for 8x8 digits; energy distance and MMD for the swiss roll); `dataset_quality` picks
+  the one that fits a batch of samples.
 """
-
-from diffusion_jax.metrics.fid import (
-    compute_statistics,
-    frechet_distance,
-    inception_score,
-    load_statistics,
-    save_statistics,
-)
-from diffusion_jax.metrics.inception import (
-    InceptionV3,
-    InceptionWeightsUnavailable,
-    inception_weights_path,
-    load_inception_params,
-    make_feature_fn,
-    params_from_state_dict,
-    preprocess,
-)
-
-__all__ = [
-    "InceptionV3",
-    "InceptionWeightsUnavailable",
-    "compute_statistics",
-    "frechet_distance",
-    "inception_score",
-    "inception_weights_path",
-    "load_inception_params",
-    "load_statistics",
-    "make_feature_fn",
-    "params_from_state_dict",
-    "preprocess",
-    "save_statistics",
-]

@@ -16,7 +16,7 @@ Split (a fixed `numpy` permutation of the 1797 images, seed ``ClassifierRecipe.s
 
 Metrics (`sample_quality`), all in the classifier's feature space:
 
-* ``digits_fd``: the Frechet distance (`fid.frechet_distance`, as FID) between Gaussians fitted
+* ``digits_fd``: the Frechet distance (`frechet.frechet_distance`, as FID) between Gaussians fitted
   to the 64-d penultimate activations of the samples and of the reference digits.
 * ``digits_fd_floor``: the same for the held-out floor digits. The FD estimate is biased upward
   by the finite sample size (roughly ``+c / n``), so both are measured at the SAME size
@@ -25,7 +25,7 @@ Metrics (`sample_quality`), all in the classifier's feature space:
   N = 397), which covers every row. Samples scoring ``digits_fd`` near ``digits_fd_floor`` are
   as close to the reference as real held-out digits are.
 * ``digits_is`` / ``digits_is_real``: the Inception-Score analogue ``exp(E_x KL(p(y|x) || p(y)))``
-  (`fid.inception_score`, one split) of the samples / of all 797 held-out digits; at most 10.
+  (`frechet.inception_score`, one split) of the samples / of all 797 held-out digits; at most 10.
 * ``digits_confidence`` / ``digits_confidence_real``: the mean max-softmax probability.
 * ``digits_classes`` / ``digits_classes_real``: how many of the 10 classes are predicted for at
   least half of their uniform share (``n / 20``) of the images (10 = no class missing);
@@ -34,7 +34,7 @@ Metrics (`sample_quality`), all in the classifier's feature space:
 
 The classifier's float64 weights are cached as ``.npz`` in
 ``<cache>/digits_classifier/digits_mlp_<key>.npz``, ``<cache>`` being the FID cache directory
-(`inception.default_cache_dir`: ``$DIFFUSION_JAX_CACHE``, else ``~/.cache/diffusion_jax``);
+(`runtime.cache.default_cache_dir`: ``$DIFFUSION_JAX_CACHE``, else ``~/.cache/diffusion_jax``);
 ``<key>`` hashes the training recipe (`ClassifierRecipe`, including its ``version``) and the
 bytes of the digits, so changing either retrains. Features are computed in float64 numpy from
 the weights exactly as stored, so a classifier loaded from the cache gives bit-identical
@@ -54,8 +54,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_jax import files
-from diffusion_jax.metrics import fid
+from diffusion_jax.metrics import frechet
+from diffusion_jax.runtime import files
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -244,7 +244,7 @@ def cache_path(
     """``<cache_dir>/digits_classifier/digits_mlp_<key>.npz``; ``cache_dir`` defaults to the
     FID cache directory (``$DIFFUSION_JAX_CACHE``, else ``~/.cache/diffusion_jax``)."""
     if cache_dir is None:
-        from diffusion_jax.metrics.inception import default_cache_dir
+        from diffusion_jax.runtime.cache import default_cache_dir
 
         cache_dir = default_cache_dir()
     if data_fingerprint is None:
@@ -326,8 +326,8 @@ def windowed_frechet_distance(
     starts = np.rint(np.linspace(0, n - size, count)).astype(int)
     distances = []
     for start in starts:
-        mu, sigma = fid.compute_statistics(feats[start : start + size])
-        distances.append(fid.frechet_distance(mu, sigma, mu_ref, sigma_ref))
+        mu, sigma = frechet.compute_statistics(feats[start : start + size])
+        distances.append(frechet.frechet_distance(mu, sigma, mu_ref, sigma_ref))
     return float(np.mean(distances))
 
 
@@ -338,7 +338,7 @@ def _class_scores(logits: np.ndarray, prefix: str, suffix: str = "") -> dict[str
     counts = np.bincount(probs.argmax(axis=1), minlength=NUM_CLASSES)
     present = counts >= 0.5 * len(logits) / NUM_CLASSES
     return {
-        f"{prefix}_is{suffix}": fid.inception_score(logits, splits=1)[0],
+        f"{prefix}_is{suffix}": frechet.inception_score(logits, splits=1)[0],
         f"{prefix}_confidence{suffix}": float(probs.max(axis=1).mean()),
         f"{prefix}_classes{suffix}": float(present.sum()),
     }
@@ -380,7 +380,7 @@ def _sample_quality(
         raise ValueError(f"need at least 2 samples, got {n}")
     ref_feats, ref_logits = classifier(split.reference_images)
     floor_feats, floor_logits = classifier(split.floor_images)
-    mu_ref, sigma_ref = fid.compute_statistics(ref_feats)
+    mu_ref, sigma_ref = frechet.compute_statistics(ref_feats)
     size = min(n, len(floor_feats))
     real_logits = np.concatenate([ref_logits, floor_logits])
     real_labels = np.concatenate([split.reference_labels, split.floor_labels])

@@ -14,10 +14,10 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from diffusion_jax import errors
+from diffusion_jax.diffusion.schedules import LEARNED_VARIANCE
 from diffusion_jax.models.mlp import MLPDenoiser
 from diffusion_jax.models.unet import SHAPE_FIELDS, UNet, UNetConfig
-from diffusion_jax.schedules import LEARNED_VARIANCE
+from diffusion_jax.runtime import errors
 
 MODEL_NAMES = ("unet", "mlp")
 # UNetConfig fields that live in config.data; out_channels derives from the variance type.

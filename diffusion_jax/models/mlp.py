@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax import errors
 from diffusion_jax.models.unet import SUPPORTED_DTYPES, apply_dropout, timestep_embedding
+from diffusion_jax.runtime import errors
 
 
 class MLPDenoiser(nnx.Module):

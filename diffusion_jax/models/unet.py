@@ -17,7 +17,7 @@ A PixelCNN++-style U-Net in NHWC layout:
 
 The parameter names mirror the variable scopes of the official TensorFlow code (`down/0/
 blocks/1/conv1/kernel` <-> `model/down_0/block_1/conv1/W`), which keeps checkpoint
-conversion (`diffusion_jax.convert`) a table lookup.
+conversion (`diffusion_jax.tools.convert`) a table lookup.
 
 Initialisation follows the official code: variance scaling (fan_avg, uniform) with scale 1,
 and scale 1e-10 for the last conv of every residual block, the attention output projection
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_jax import errors
+from diffusion_jax.runtime import errors
 
 SUPPORTED_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ZERO_INIT_SCALE = 1e-10

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_jax import process
-from diffusion_jax.errors import ConfigError, check_choice
-from diffusion_jax.process import ODE_MODEL_OUTPUTS, NoiseProcess
-from diffusion_jax.sampling import grids, steppers
+from diffusion_jax.diffusion import grids, process
+from diffusion_jax.diffusion.process import ODE_MODEL_OUTPUTS, NoiseProcess
+from diffusion_jax.runtime.errors import ConfigError, check_choice
+from diffusion_jax.sampling import steppers
 from diffusion_jax.sampling.steppers import Stepper
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.process import NoiseProcess, eps_and_x0
+from diffusion_jax.diffusion.process import NoiseProcess, eps_and_x0
 from diffusion_jax.sampling import steppers
 from diffusion_jax.sampling.steppers import Predict, Prediction, Row, Stepper
 

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.process import NoiseProcess, model_log_variance
-from diffusion_jax.schedules import LEARNED_VARIANCE
+from diffusion_jax.diffusion.process import NoiseProcess, model_log_variance
+from diffusion_jax.diffusion.schedules import LEARNED_VARIANCE
 
 # The reference code lowers the order of the final multistep updates only below 10 steps.
 LOWER_ORDER_FINAL_BELOW = 10

@@ -1,0 +1,135 @@
+"""What the training loop runs: a task. The loop (`train.py`) is the same for every task; a
+task says how long the run is, where its calls must end, how a fresh run starts, its compiled
+step, and what its previews and final samples draw with.
+
+- `Training` (`--mode train`): DDPM training, `training.num_train_steps` updates of
+  `train_step.train_step`.
+- `Distillation` (`--mode distill`, a config that names a teacher): progressive distillation
+  (`distill.py`), rounds of `distill.steps_per_round` updates; each round's last student is
+  saved and kept.
+
+`for_config` is the one place that tells them apart (a config naming a teacher distils it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from etils import epath
+from jax.sharding import Mesh
+
+from diffusion_jax.diffusion import process
+from diffusion_jax.sampling import generation
+from diffusion_jax.training import checkpoint, distill, train_step
+from diffusion_jax.training import state as state_lib
+
+Sampler = Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]
+StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """DDPM training of `config` (Ho et al. 2020, Algorithm 1)."""
+
+    config: ml_collections.ConfigDict
+    verb = "Training"
+    mode = "train"
+    boundary = 0  # no call must end at a given step
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.config.training.num_train_steps)
+
+    def prepare(self, workdir: epath.Path) -> None:
+        """Checks before anything is written to `workdir`."""
+
+    def first_state(self, state: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
+        """The state of a fresh run (no checkpoint yet): the initialised one."""
+        return state
+
+    def compile_step(self, apply: Callable[..., jax.Array], tx, mesh: Mesh) -> StepFn:
+        diffusion = process.from_config(self.config.diffusion)
+        return train_step.compile_train_fn(self.config, apply, diffusion, tx, mesh)
+
+    def sampling_config(self, step: int) -> ml_collections.ConfigDict:
+        """The config the model after `step` updates samples with."""
+        return self.config
+
+    @property
+    def preview_respacing(self) -> str:
+        return self.config.sampling.preview_respacing
+
+    def announce(self, step: int) -> str | None:
+        """A line for the part of the run that starts after `step` updates (None: none)."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation(Training):
+    """Progressive distillation of the teacher `config.distill.teacher_workdir` names
+    (Salimans & Ho 2022, Algorithm 2; `distill.py`)."""
+
+    verb = "Distilling"
+    mode = "distill"
+
+    @property
+    def plan(self) -> distill.Plan:
+        return distill.plan(self.config)
+
+    @property
+    def boundary(self) -> int:  # a round's last student is saved and kept (`keep_period`)
+        return self.plan.steps_per_round
+
+    @property
+    def total_steps(self) -> int:
+        return distill.final_step(self.config)
+
+    def prepare(self, workdir: epath.Path) -> None:
+        """A fresh run checks the teacher; a resumed one reads its round's teacher from its
+        own checkpoint and does not need the teacher's workdir."""
+        if not checkpoint.checkpoint_steps(workdir):
+            distill.teacher_config(self.config)
+
+    def first_state(self, state: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
+        return distill.load_teacher(self.config, state, tx, mesh)
+
+    def compile_step(self, apply: Callable[..., jax.Array], tx, mesh: Mesh) -> StepFn:
+        return distill.compile_distill_fn(self.config, apply, tx, mesh, self.plan)
+
+    def sampling_config(self, step: int) -> ml_collections.ConfigDict:
+        """A copy sampling with the steps of the student after `step` updates, on its own
+        grid."""
+        config = self.config.copy_and_resolve_references()
+        config.sampling.num_steps = self.plan.student_steps(self.plan.round_of(step))
+        return config
+
+    @property
+    def preview_respacing(self) -> str:
+        return ""  # a student samples on its own grid
+
+    def announce(self, step: int) -> str | None:
+        return self.plan.describe(step // self.plan.steps_per_round)
+
+
+def for_config(config: ml_collections.ConfigDict) -> Training:
+    """The task of `config`: a distillation when it names a teacher, else training."""
+    return Distillation(config) if state_lib.distilling(config) else Training(config)
+
+
+def preview_sampler(
+    task: Training, apply: Callable[..., jax.Array], mesh: Mesh, step: int
+) -> Sampler:
+    """The jitted sampler of the training preview after `step` updates: `sampling.
+    preview_num` samples from the model of that step (`task.sampling_config`)."""
+    return generation.make_sampler(
+        task.sampling_config(step),
+        apply,
+        mesh,
+        task.config.sampling.preview_num,
+        task.preview_respacing,
+    )
