@@ -104,6 +104,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # previews' chain (ancestral/ddim; others, and distilled students: num_steps)
     sampling.preview_respacing = "100"
     sampling.preview_num = 64
+    sampling.grid_num = 64  # samples in the grid of --mode sample and of samples/final.png
     sampling.checkpoint_step = -1  # --mode sample: the checkpoint to draw from (-1 = latest)
     sampling.max_shards = 0  # --mode sample: stop after this many new shards (0 = all)
 
@@ -125,37 +126,55 @@ def get_base_config() -> ml_collections.ConfigDict:
     distill.steps_per_round = 50_000  # updates per round
 
     config.eval = ev = ml_collections.ConfigDict()
-    ev.once = False
-    # Evaluators run on each checkpoint, in this order (diffusion_jax/evaluation/__init__.py).
-    ev.evaluators = ("bpd", "samples", "interpolation", "fid")
-    # Named evaluator instances with their own sampling/eval settings, used by name in
-    # `evaluators` (evaluation/__init__.py), e.g. {"fid_dpm20": {"type": "fid", "sampling":
-    # {"method": "dpm_solver++", "num_steps": 20}}}.
-    ev.instances = ml_collections.ConfigDict()
-    ev.num_samples = 50_000
-    ev.bpd_num_examples = 10_000  # test images for 'bpd' and 'ode_bpd'
-    # Network calls for likelihoods ('bpd', 'ode_bpd') at this matmul/conv precision: highest
-    # keeps float32 on TPU and GPU (no bf16 passes, no TF32). Sampling uses the default.
-    ev.precision = "highest"
-    ev.ode_num_steps = 50  # 'ode_bpd': fixed RK4 steps, uniform in log-SNR (4 NFE each)
-    ev.ode_solver = "rk4"  # rk4 | heun
-    ev.ode_divergence = "hutchinson"  # hutchinson | exact (small data only)
-    ev.ode_probe = "rademacher"  # rademacher | gaussian
-    ev.ode_num_probes = 1
-    ev.batch_size = 256
-    ev.inception_weights = ""  # path to pt_inception-2015-12-05-6726825d.pth ("" = cache/download)
+    ev.once = False  # --mode eval: the latest checkpoint only, then exit (else poll)
     ev.poll_seconds = 60
-    # FID reference: a pytorch-fid/TTUR .npz (mu, sigma); "" = computed once from
-    # eval.fid_split and cached in $DIFFUSION_JAX_CACHE/fid_stats.
-    ev.fid_stats = ""
-    ev.fid_split = "train"  # DDPM §5: FID against the training set statistics
-    ev.fid_reference_examples = 0  # reference images (0 = the whole split)
-    ev.is_splits = 10
-    ev.is_logits_bias = False  # IS from pool3 @ W without the fc bias, as improved-gan's code
-    ev.grid_num = 64  # samples in the eval grid PNG
-    ev.progressive_steps = 10  # x0_hat snapshots in the progressive strip (DDPM Fig. 6)
-    ev.progressive_rows = 8
-    ev.interpolation_t = 500  # timestep of the latent interpolation (DDPM §4.4, Fig. 8)
-    ev.interpolation_pairs = 4
-    ev.interpolation_lambdas = 11
+    # The entries of config.evals run on each checkpoint, in this order.
+    ev.evaluators = ("bpd", "samples", "interpolation", "fid")
+
+    # Evaluator instances (big_vision style): config.evals.<name> = dict(type=..., **settings),
+    # the settings being the keyword-only arguments of the type's constructor
+    # (diffusion_jax/evaluation/__init__.py); an optional `sampling=dict(...)` overrides
+    # config.sampling for that instance, e.g. FID at 20-step DPM-Solver++:
+    #   config.evals.fid_dpm20 = dict(
+    #       config.evals.fid.to_dict(), sampling=dict(method="dpm_solver++", num_steps=20))
+    config.evals = ml_collections.ConfigDict()
+    # Likelihoods: test images, global batch, matmul/conv precision of every network call
+    # (highest keeps float32 on TPU and GPU: no bf16 passes, no TF32).
+    likelihood = dict(num_examples=10_000, batch_size=256, precision="highest")
+    config.evals.bpd = dict(type="bpd", **likelihood)
+    config.evals.ode_bpd = dict(
+        type="ode_bpd",
+        **likelihood,
+        num_steps=50,  # fixed RK4 steps, uniform in log-SNR (4 NFE each)
+        solver="rk4",  # rk4 | heun
+        divergence="hutchinson",  # hutchinson | exact (small data only)
+        probe="rademacher",  # rademacher | gaussian
+        num_probes=1,
+    )
+    config.evals.samples = dict(
+        type="samples",
+        grid_num=64,  # samples in the grid picture
+        progressive_steps=10,  # x0_hat snapshots in the progressive strip (DDPM Fig. 6)
+        progressive_rows=8,
+    )
+    config.evals.interpolation = dict(
+        type="interpolation",
+        timestep=500,  # where the latents mix (DDPM §4.4, Fig. 8)
+        pairs=4,
+        lambdas=11,
+    )
+    config.evals.fid = dict(
+        type="fid",
+        num_samples=50_000,
+        batch_size=256,  # Inception batch of the reference images
+        inception_weights="",  # pt_inception-2015-12-05-6726825d.pth ("" = cache/download)
+        # a pytorch-fid/TTUR .npz (mu, sigma); "" = computed once from reference_split and
+        # cached in $DIFFUSION_JAX_CACHE/fid_stats
+        reference_stats="",
+        reference_split="train",  # DDPM §5: FID against the training set statistics
+        reference_examples=0,  # 0 = the whole split
+        is_splits=10,
+        is_logits_bias=False,  # IS from pool3 @ W without the fc bias, as improved-gan's code
+    )
+    config.evals.quality = dict(type="quality", num_samples=50_000)
     return config

@@ -21,7 +21,8 @@ def get_lsun_like_config(name: str, num_train_steps: int, random_flip: bool = Tr
     config.training.num_train_steps = num_train_steps
 
     config.sampling.batch_size = 128
-    config.eval.batch_size = 64
+    for name in ("bpd", "ode_bpd", "fid"):
+        config.evals[name].batch_size = 64
     return config
 
 

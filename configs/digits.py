@@ -52,15 +52,19 @@ def get_config():
 
     config.sampling.preview_respacing = "100"
     config.sampling.preview_num = 64
+    config.sampling.grid_num = 36
     # Evaluation sized for a CPU: the full 1000-step chain costs 1000 network calls per image,
     # for bits/dim and for every sample alike.
     # FID needs the Inception weights (absent offline); 'quality' scores digits without them.
     config.eval.evaluators = ("bpd", "ode_bpd", "samples", "interpolation", "quality", "fid")
-    config.eval.num_samples = 1000  # samples scored by 'quality' and FID/IS
-    config.eval.bpd_num_examples = 64
-    config.eval.batch_size = 64
-    config.eval.grid_num = 36
-    config.eval.progressive_rows = 6
-    config.eval.interpolation_t = 200  # 8x8 digits keep little of x_0 at t = 500
-    config.eval.interpolation_lambdas = 9
+    for name in ("bpd", "ode_bpd"):
+        config.evals[name].num_examples = 64
+        config.evals[name].batch_size = 64
+    config.evals.samples.grid_num = 36
+    config.evals.samples.progressive_rows = 6
+    config.evals.interpolation.timestep = 200  # 8x8 digits keep little of x_0 at t = 500
+    config.evals.interpolation.lambdas = 9
+    config.evals.quality.num_samples = 1000  # the same samples as FID/IS
+    config.evals.fid.num_samples = 1000
+    config.evals.fid.batch_size = 64
     return config

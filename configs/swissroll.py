@@ -32,6 +32,5 @@ def get_config():
     config.sampling.preview_respacing = ""  # the full 100-step chain
     config.sampling.preview_num = 1024
     config.eval.evaluators = ("samples", "quality")  # bits/dim, FID, interpolation: images
-    config.eval.num_samples = 2048
-    config.eval.bpd_num_examples = 0
+    config.evals.quality.num_samples = 2048
     return config

@@ -9,20 +9,17 @@ line, e.g. `--config.training.batch_size=64`.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # TensorFlow (clu's writers, tf.data) prints oneDNN and absl start-up notices otherwise.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-# Config files import `configs.base`; make the repository root importable from anywhere.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import MODES
-from diffusion_jax.runtime import errors  # noqa: E402
+from diffusion_jax.runtime import errors, paths  # noqa: E402
+
+paths.make_configs_importable()
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")

@@ -3,7 +3,7 @@ CIFAR-10 model, trained with Adam, timed the same way and written in the same JS
 
 The network is the configuration of launch/check_unet_vs_diffusers.py (35,746,307
 parameters, the official CIFAR-10 U-Net) with dropout 0.1. A training step does what
-`diffusion_jax.training.loop.train_step` does: draw t and noise, L_simple, backward, global-norm
+`diffusion_jax.training.train_step` does: draw t and noise, L_simple, backward, global-norm
 clipping at 1, Adam (lr 2e-4) and an EMA update of the parameters. Sampling runs the
 ancestral DDPM chain (full, or respaced to --sample_steps steps, reported as such).
 

@@ -6,7 +6,7 @@
 # than the training TPU, whose devices the training holds.
 #
 # Usage: launch/eval_once.sh [--dry-run] [-- MAIN_FLAGS ...]
-#   MAIN_FLAGS extra flags for diffusion_jax.main, e.g. -- --config.eval.num_samples=10000
+#   MAIN_FLAGS extra flags for diffusion_jax.main, e.g. -- --config.evals.fid.num_samples=10000
 #
 # Settings (environment variables):
 #   WORKDIR    the training run, gs://BUCKET/RUN or a local folder (default gs://BUCKET/RUN)

@@ -9,7 +9,7 @@
 #
 # Usage: launch/reproduce_cifar10.sh [--dry-run] [-- EVAL_FLAGS ...]
 #   EVAL_FLAGS extra flags for the evaluation, e.g. a quick check with fewer samples:
-#              -- --config.eval.num_samples=5000
+#              -- --config.evals.fid.num_samples=5000
 #
 # Settings (environment variables):
 #   SOURCE   the downloaded folder (config.json + diffusion_pytorch_model.*), default ddpm-cifar10-32

@@ -61,7 +61,9 @@ def _config(batch: int, config=None):
     config.model.ch, config.model.num_groups = 8, 4
     config.model.ch_mult = (1,)
     config.model.attn_resolutions = (8,)
-    config.training.batch_size = config.sampling.batch_size = config.eval.batch_size = batch
+    config.training.batch_size = config.sampling.batch_size = batch
+    for name in ("bpd", "ode_bpd", "fid"):
+        config.evals[name].batch_size = batch
     return config
 
 

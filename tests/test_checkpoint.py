@@ -217,7 +217,6 @@ def eval_once(workdir):
     cfg = config(6)
     cfg.eval.once = True
     cfg.eval.evaluators = ("samples",)
-    cfg.eval.num_samples = 16
     return job.evaluate_checkpoints(cfg, workdir)
 
 

@@ -4,7 +4,6 @@ DDIM steps, training previews), guidance or label dropout on an unconditional mo
 of 1. The jsd schedule is clipped (IDDPM's max_beta), so it samples finite numbers with the
 chain and with the ODE solvers."""
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -92,37 +91,3 @@ def test_jsd_is_clipped_like_iddpm_and_samples_finite_numbers():
         draw = generation.make_sampler(c, apply, mesh, 8, "")
         out = draw(jnp.float32(0.5), jax.random.PRNGKey(0), None)
         assert np.all(np.isfinite(np.asarray(out["sample"]))), method
-
-
-@pytest.mark.parametrize(
-    "data, instance, match",
-    [
-        # By what the class declares, under any instance name.
-        ("swissroll", dict(type="bpd"), r"'mine' needs image data, not 'swissroll'"),
-        ("swissroll", dict(type="interpolation"), r"'mine' needs image data"),
-        ("cifar10", dict(type="quality"), r"'mine' has a metric for digits, swissroll only"),
-        # Sampler settings only for an evaluator that draws samples.
-        ("digits", dict(type="bpd", sampling=dict(num_steps=20)), r"'bpd' evaluator draws no"),
-        # An instance's own sampler is checked like the configured one.
-        ("digits", dict(type="fid", sampling=dict(method="euler")), r"method='euler'"),
-        # The ODE likelihood's model-output check applies to an instance of it too.
-        ("digits", dict(type="ode_bpd"), r"model_output='xprev'"),
-    ],
-)
-def test_evaluators_are_checked_by_what_they_declare(data, instance, match):
-    from configs import cifar10, swissroll
-
-    c = {"swissroll": swissroll, "cifar10": cifar10, "digits": digits}[data].get_config()
-    c.diffusion.model_output = "xprev" if instance["type"] == "ode_bpd" else "eps"
-    c.eval.instances = {"mine": instance}
-    c.eval.evaluators = ("mine",)
-    message = refused(c, mode="eval")
-    assert re.search(match, message), message
-
-
-def test_every_evaluator_declares_its_needs():
-    from diffusion_jax.evaluation.evaluators import EVALUATORS, Need, evaluator_class
-
-    for name in EVALUATORS:
-        needs = evaluator_class(name).needs
-        assert isinstance(needs, frozenset) and needs <= set(Need), name

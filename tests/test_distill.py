@@ -320,9 +320,7 @@ def test_the_students_workdir_samples_and_evaluates_with_its_step_count(teacher,
     assert sample_job.load_samples(directory, 16).shape == (16, 2)
     config.eval.evaluators = ("samples",)
     config.eval.once = True
-    config.eval.num_samples = 16
-    config.eval.batch_size = 16
-    config.eval.grid_num = 16
+    config.evals.samples.grid_num = 16
     records = job.evaluate_checkpoints(config, str(student))
     assert [r["step"] for r in records] == [6]
 

@@ -103,7 +103,7 @@ def _compile_sampler_and_bpd(mesh):
     generation.make_sampler(config, apply, mesh, 8, "2").lower(params, key, labels).compile()
     images = jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.uint8)
     mask = jax.ShapeDtypeStruct((8,), jnp.float32)
-    bpd_fn = bpd.make_bpd_fn(config, apply, mesh)
+    bpd_fn = bpd.make_bpd_fn(config, apply, mesh, precision="highest")
     bpd_fn.lower(params, images, labels, mask, key).compile()
 
 

@@ -1,4 +1,4 @@
-"""The evaluation job and sample mode (diffusion_jax.evaluate) on a tiny digits model.
+"""The evaluation job and sample mode (evaluation/job.py, evaluation/sample_job.py) on a tiny digits model.
 
 A module-scoped fixture writes three checkpoints (steps 1, 2, 3) of a tiny U-Net (ch 8, one
 level, T = 20) with random weights; every test works on its own copy of that workdir. The
@@ -6,6 +6,7 @@ Inception network is never built: FID/IS are either skipped (offline, no weights
 a small fake feature function.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -20,13 +21,13 @@ from PIL import Image
 
 from configs.digits import get_config
 from diffusion_jax import input_pipeline
-from diffusion_jax.evaluation import base, bpd, job, pictures, quality, sample_job
+from diffusion_jax.evaluation import base, bpd, evaluators, job, pictures, quality, sample_job
 from diffusion_jax.evaluation import fid as fid_eval
 from diffusion_jax.metrics import frechet
 from diffusion_jax.runtime import distributed, errors
 from diffusion_jax.sampling import generation
-from diffusion_jax.tools import convert
-from diffusion_jax.training import checkpoint, config_checks
+from diffusion_jax.tools.convert import imported, mapping
+from diffusion_jax.training import checkpoint
 from diffusion_jax.training import state as state_lib
 
 PNG_KINDS = ("samples", "progressive", "rate_distortion", "interpolation")
@@ -51,16 +52,13 @@ def tiny_config():
     c.training.keep_every = 0
     c.sampling.batch_size = 16
     c.sampling.num_samples = 40
-    c.eval.batch_size = 16
-    c.eval.bpd_num_examples = 16
-    c.eval.num_samples = 32
-    c.eval.is_splits = 2
-    c.eval.grid_num = 8
-    c.eval.progressive_steps = 5
-    c.eval.progressive_rows = 4
-    c.eval.interpolation_t = 10
-    c.eval.interpolation_pairs = 2
-    c.eval.interpolation_lambdas = 3
+    for name in ("bpd", "ode_bpd"):
+        c.evals[name].batch_size = 16
+        c.evals[name].num_examples = 16
+    c.evals.fid.update(num_samples=32, batch_size=16, is_splits=2)
+    c.evals.quality.num_samples = 32
+    c.evals.samples.update(grid_num=8, progressive_steps=5, progressive_rows=4)
+    c.evals.interpolation.update(timestep=10, pairs=2, lambdas=3)
     c.eval.poll_seconds = 0
     return c
 
@@ -87,7 +85,7 @@ def persistent_compilation_cache(tmp_path_factory):
 def random_params(abstract_params, seed):
     """Random weights for the model's parameter shapes (unit-variance fan-in scaling)."""
     rng = np.random.default_rng(seed)
-    flat = convert.flatten_params(abstract_params.to_pure_dict())
+    flat = mapping.flatten_params(abstract_params.to_pure_dict())
     out = {}
     for name, s in flat.items():
         if name.endswith("scale"):
@@ -97,7 +95,7 @@ def random_params(abstract_params, seed):
             out[name] = (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
         else:
             out[name] = (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-    return convert.unflatten_params(out)
+    return mapping.unflatten_params(out)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +108,7 @@ def trained(tmp_path_factory):
     _, _, abstract = state_lib.abstract_train_state(config, distributed.make_mesh())
     mngr = checkpoint.manager(workdir / "checkpoints")
     for step in (1, 2, 3):
-        state = convert.train_state_from_params(config, random_params(abstract.params, step))
+        state = imported.train_state_from_params(config, random_params(abstract.params, step))
         checkpoint.save(mngr, step, state.replace(step=np.int32(step)))
     mngr.wait_until_finished()
     mngr.close()
@@ -155,7 +153,7 @@ def test_eval_job_evaluates_each_checkpoint_once_across_restarts(workdir, capsys
     out = capsys.readouterr().out
     notices = [line for line in out.splitlines() if "FID/IS skipped:" in line]
     assert len(notices) == 2  # one line per job start, naming the way out
-    assert all("--config.eval.inception_weights=" in line for line in notices)
+    assert all("--config.evals.fid.inception_weights=" in line for line in notices)
     assert "$DIFFUSION_JAX_CACHE" not in out and "Traceback" not in out
     third = job.evaluate_checkpoints(config, workdir)
     assert third == []
@@ -187,7 +185,9 @@ def test_bpd_is_finite_and_above_the_entropy_bound(workdir):
     mesh = distributed.make_mesh()
     graphdef, rest, abstract = state_lib.abstract_train_state(config, mesh)
     params = checkpoint.restore_step(workdir, 3, abstract).ema_params
-    bpd_fn = bpd.make_bpd_fn(config, generation.model_apply(graphdef, rest), mesh)
+    bpd_fn = bpd.make_bpd_fn(
+        config, generation.model_apply(graphdef, rest), mesh, precision="highest"
+    )
 
     def bpd_of(images):
         batches = [{"image": images, "label": np.zeros(len(images), np.int32)}]
@@ -267,7 +267,9 @@ def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
     )
     assert (record["is"], record["is_std"]) == pytest.approx((is_mean, is_std), rel=1e-6)
 
-    stats_path = fid_eval.reference_stats_path(config)
+    fid = config.evals.fid
+    reference = fid_eval.Reference("", fid.reference_split, 0, fid.batch_size)
+    stats_path = reference.path(config)
     assert stats_path.name == "fid_stats_digits_train_8.npz" and stats_path.exists()
     mu, sigma = frechet.load_statistics(stats_path)
     assert mu.shape == (16,) and sigma.shape == (16, 16)
@@ -277,18 +279,17 @@ def test_fid_and_is_plumbing_with_a_fake_feature_function(workdir):
     )
     assert record["fid"] == pytest.approx(expected, rel=1e-6)
 
-    data = np.concatenate(
-        [b["image"] for b in input_pipeline.create_eval_arrays(config, "train", None)]
-    )
-    self_fid = fid_eval.fid_and_inception_score(config, fake_feature_fn, [data], (mu, sigma))
+    batches = input_pipeline.create_eval_arrays(config, "train", None, batch_size=256)
+    data = np.concatenate([b["image"] for b in batches])
+    self_fid = fid_eval.fid_and_inception_score(fake_feature_fn, [data], (mu, sigma), 2)
     assert abs(self_fid["fid"]) < 1e-6
 
-    # A published statistics file named by eval.fid_stats is used as is.
-    config.eval.fid_stats = str(stats_path)
-    assert fid_eval.reference_stats_path(config) == stats_path
-    config.eval.fid_stats = str(workdir / "missing.npz")
-    with pytest.raises(errors.UserError, match="fid_stats"):
-        fid_eval.reference_statistics(config, fake_feature_fn)
+    # A published statistics file named by the 'reference_stats' setting is used as is.
+    published = dataclasses.replace(reference, stats=str(stats_path))
+    assert published.path(config) == stats_path
+    missing = dataclasses.replace(reference, stats=str(workdir / "missing.npz"))
+    with pytest.raises(errors.UserError, match=r"config.evals.fid.reference_stats=.*no such"):
+        fid_eval.reference_statistics(config, missing, fake_feature_fn, "config.evals.fid")
 
 
 def test_picture_layouts():
@@ -351,8 +352,7 @@ def test_ode_bpd_and_sample_quality_evaluators(workdir):
     """'ode_bpd' next to the bound, and 'quality' on the eval job's samples, as records."""
     config = tiny_config()
     config.eval.evaluators = ("bpd", "ode_bpd", "quality")
-    config.eval.ode_num_steps = 3
-    config.eval.ode_num_probes = 2
+    config.evals.ode_bpd.update(num_steps=3, num_probes=2)
     record = job.evaluate_checkpoint(config, workdir, 3)
     assert record["ode_nfe"] == 12 and record["ode_num_examples"] == 16
     assert np.isfinite(record["ode_bpd"]) and record["ode_bpd_se"] > 0
@@ -368,11 +368,11 @@ def test_evaluator_instances_run_with_their_own_sampler(workdir):
     """One job, the same evaluator type twice: 'quality' on the configured chain and the
     instance 'quality_ddim' on 5-step DDIM, each on its own samples, reported apart."""
     config = tiny_config()
-    config.eval.instances = {
-        "quality_ddim": {"type": "quality", "sampling": {"method": "ddim", "num_steps": 5}}
-    }
+    config.evals.quality_ddim = dict(
+        type="quality", num_samples=32, sampling=dict(method="ddim", num_steps=5)
+    )
     config.eval.evaluators = ("quality", "quality_ddim")
-    config_checks.validate_config(config, "eval")
+    evaluators.check_config(config)
     record = job.evaluate_checkpoint(config, workdir, 3)
     shared = sample_job.load_samples(workdir / "eval" / "samples" / "3", 32)
     own = sample_job.load_samples(workdir / "eval" / "samples" / "quality_ddim" / "3", 32)
@@ -384,8 +384,26 @@ def test_evaluator_instances_run_with_their_own_sampler(workdir):
     assert record["quality_ddim/digits_fd"] == pytest.approx(expected, rel=1e-9)
     assert not np.array_equal(shared, own)
     config.eval.evaluators = ("quality", "nonesuch")
-    with pytest.raises(errors.ConfigError, match="'nonesuch' is neither an evaluator"):
-        config_checks.validate_config(config, "eval")
+    with pytest.raises(errors.ConfigError, match="'nonesuch' is not an entry of config.evals"):
+        evaluators.check_config(config)
+
+
+def test_evaluators_sharing_samples_read_as_many_as_each_asks(workdir):
+    """'fid' and 'quality' with the same sampler share one folder of shards though they ask
+    for different numbers: the larger adds shards, the smaller reads the first ones."""
+    config = tiny_config()
+    config.evals.quality.num_samples = 16
+    config.evals.fid.num_samples = 48
+    config.eval.evaluators = ("quality", "fid")
+    features = {"fid": {"feature_fn": fake_feature_fn}}
+    record = job.evaluate_checkpoint(config, workdir, 3, evaluator_options=features)
+    directory = workdir / "eval" / "samples" / "3"
+    assert sorted(p.name for p in directory.glob("shard_*.npz")) == [
+        f"shard_{i:05d}.npz" for i in range(3)
+    ]
+    assert record["quality_num_samples"] == 16 and record["fid_num_samples"] == 48
+    first = sample_job.load_samples(directory, 16)
+    assert record["digits_fd"] == pytest.approx(quality.score(first)["digits_fd"], rel=1e-9)
 
 
 def truncate_checkpoint(workdir, step):
@@ -487,7 +505,7 @@ def test_sample_mode_uses_the_newest_readable_checkpoint(workdir, capfd):
 
 @pytest.mark.parametrize("name", ["bpd", "ode_bpd"])
 def test_eval_precision_reaches_every_network_call_of_the_likelihoods(name):
-    """`eval.precision` marks every convolution and matrix product of the lowered program."""
+    """`precision` marks every convolution and matrix product of the lowered program."""
     from diffusion_jax.evaluation import ode_bpd
 
     make = {"bpd": bpd.make_bpd_fn, "ode_bpd": ode_bpd.make_ode_bpd_fn}[name]
@@ -495,10 +513,13 @@ def test_eval_precision_reaches_every_network_call_of_the_likelihoods(name):
     texts = {}
     for precision in ("highest", "default"):
         config = tiny_config()
-        config.eval.precision = precision
-        config.eval.ode_num_steps = 2
+        settings = {"precision": precision}
+        if name == "ode_bpd":
+            ode = config.evals.ode_bpd.to_dict()
+            settings.update({k: ode[k] for k in ("solver", "divergence", "probe", "num_probes")})
+            settings["num_steps"] = 2
         graphdef, rest, abstract = state_lib.abstract_train_state(config, mesh)
-        fn = make(config, generation.model_apply(graphdef, rest), mesh)
+        fn = make(config, generation.model_apply(graphdef, rest), mesh, **settings)
         args = (
             abstract.ema_params,
             jax.ShapeDtypeStruct((8, 8, 8, 1), np.uint8),

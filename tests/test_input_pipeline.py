@@ -378,7 +378,9 @@ def test_tfrecord_pggan_raw_layout(tmp_path):
     config = make_config(
         "lsun_cat", image_size=8, data_dir=str(tmp_path), tfrecord_pattern="cat-train.tfrecord"
     )
-    got = np.concatenate([b["image"] for b in ip.create_eval_arrays(config, "train", 0)])
+    got = np.concatenate(
+        [b["image"] for b in ip.create_eval_arrays(config, "train", 0, batch_size=256)]
+    )
     np.testing.assert_array_equal(got, images)
     batch = take(config, 1)[0]
     assert batch["image"].shape == (32, 8, 8, 3)

@@ -362,7 +362,7 @@ def test_reproduce_dry_run(env, tmp_path):
         "reproduce_cifar10.sh",
         "--dry-run",
         "--",
-        "--config.eval.num_samples=5000",
+        "--config.evals.fid.num_samples=5000",
         env=env,
         SOURCE=str(source),
         WORKDIR=str(workdir),
@@ -373,7 +373,7 @@ def test_reproduce_dry_run(env, tmp_path):
         f"-m diffusion_jax.tools.convert --source {source} --workdir {workdir} "
         "--config configs/cifar10.py" in convert
     )
-    assert f"--workdir {workdir} {EVAL_COMMAND} --config.eval.num_samples=5000" in evaluate
+    assert f"--workdir {workdir} {EVAL_COMMAND} --config.evals.fid.num_samples=5000" in evaluate
     assert "FID 3.17" in result.stdout
     assert not workdir.exists()
     # A workdir imported before is evaluated again without a new conversion.

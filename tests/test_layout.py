@@ -111,6 +111,15 @@ def test_no_two_modules_share_a_base_name():
     assert {k: v for k, v in names.items() if len(v) > 1} == {}
 
 
+def test_only_runtime_paths_finds_files_from_its_own_location():
+    """A module that walks up from its `__file__` breaks when it moves folder; the repository
+    root has one source, `runtime.paths.REPO_ROOT`."""
+    users = {
+        str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if "__file__" in p.read_text()
+    }
+    assert users == {"runtime/paths.py"}
+
+
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.name)
 def test_long_modules_say_why(path):
     lines = len(path.read_text().splitlines())

@@ -30,10 +30,12 @@ from diffusion_jax.sampling import generation, registry
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What an evaluator may use: the config (its instance's: `evaluators.instances`), the
-    workdir, the device mesh, the pure network `apply(params, x, t, y=None) -> output`, and
-    `samples_key`, the sub-folder of its sample shards ('' = the job's shared samples)."""
+    """What an evaluator may use: its instance's `name` in `config.evals` (for its messages),
+    the config (the job's, with the instance's `sampling` overrides), the workdir, the device
+    mesh, the pure network `apply(params, x, t, y=None) -> output`, and `samples_key`, the
+    sub-folder of its sample shards ('' = the job's shared samples)."""
 
+    name: str
     config: ml_collections.ConfigDict
     workdir: epath.Path
     mesh: Mesh
@@ -46,9 +48,13 @@ class Context:
 
 
 class Evaluator(Protocol):
+    """Built as `cls(context, **settings)` (its keyword-only settings, `config.evals.<name>`),
+    called once per checkpoint."""
+
     needs: frozenset[Need]
 
-    def __init__(self, context: Context) -> None: ...
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None: ...
 
     def run(self, params: Any, step: int) -> dict[str, Any]: ...
 
@@ -159,14 +165,16 @@ def padded_batches(
 
 
 class EvalSamples:
-    """The eval job's samples of a checkpoint: `eval.num_samples` drawn with the configured
-    sampler (batches of `sampling.batch_size`) into resumable shards `DIR/eval/samples/<step>/`
-    (`sample_job.write_sample_shards`), shared by every evaluator that scores samples: the one that
-    runs first draws them, the others find them written."""
+    """The eval job's samples of a checkpoint: the first `num_samples` drawn with the
+    configured sampler (batches of `sampling.batch_size`) into resumable shards
+    `DIR/eval/samples/<step>/` (`sample_job.write_sample_shards`), shared by every evaluator
+    that scores samples with the same sampler: the one that runs first draws them, the others
+    find them written. Shard i depends on i alone, so one that needs more samples adds shards
+    and one that needs fewer reads a prefix."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, num_samples: int) -> None:
         self.context = context
-        self.num_samples = int(context.config.eval.num_samples)
+        self.num_samples = int(num_samples)
         self._sampler = None
 
     def directory(self, step: int) -> epath.Path:

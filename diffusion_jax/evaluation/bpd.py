@@ -1,8 +1,9 @@
 """The variational bound in bits/dim (DDPM eq. 5) and its rate/distortion split (§4.3).
 
-Evaluator 'bpd': the full-chain bound on the first `eval.bpd_num_examples` images of
-`data.eval_split` (`vlb.calc_bpd_loop`), with the EMA parameters; conditional models
-are evaluated with the true labels and without guidance. Pictures: the rate/distortion plot
+Evaluator 'bpd': the full-chain bound on the first `num_examples` images of
+`data.eval_split` (`vlb.calc_bpd_loop`), in global batches of `batch_size`, every network call
+at the matmul `precision`, with the EMA parameters; conditional models are evaluated with the
+true labels and without guidance. Pictures: the rate/distortion plot
 (DDPM Fig. 5); the curves are also kept in `eval/rate_distortion_<step>.npz`.
 """
 
@@ -19,23 +20,28 @@ from jax.sharding import Mesh
 
 from diffusion_jax import input_pipeline
 from diffusion_jax.diffusion import process, vlb
-from diffusion_jax.evaluation import base
+from diffusion_jax.evaluation import base, evaluators
 from diffusion_jax.runtime import files, logs, streams, visualize
 from diffusion_jax.sampling import generation
 
 
 def make_bpd_fn(
-    config: ml_collections.ConfigDict, apply: Callable[..., jax.Array], mesh: Mesh
+    config: ml_collections.ConfigDict,
+    apply: Callable[..., jax.Array],
+    mesh: Mesh,
+    *,
+    precision: str,
 ) -> Callable[..., dict[str, jax.Array]]:
     """Jitted `(params, image uint8 [B, H, W, C], label [B], mask [B], key) -> sums`.
 
     The sums over the unmasked examples (replicated): 'count', 'total_bpd', 'prior_bpd',
     'vb' [T] and 'x0_mse' [T] of `vlb.calc_bpd_loop` on the full chain, every network
-    call at `eval.precision`. Conditional models use the true labels and no guidance.
+    call at `precision` (`evaluators.PRECISIONS`). Conditional models use the true labels
+    and no guidance.
     """
     diffusion = process.from_config(config.diffusion)
     conditional = bool(config.model.num_classes)
-    apply = base.with_precision(apply, config.eval.precision)
+    apply = base.with_precision(apply, precision)
 
     def per_example(params, image, label, key):
         y = label if conditional else None
@@ -95,11 +101,11 @@ def compute_bpd(
 
 
 def eval_batches(
-    config: ml_collections.ConfigDict, num_examples: int
+    config: ml_collections.ConfigDict, num_examples: int, batch_size: int
 ) -> Iterable[dict[str, np.ndarray]]:
     """This host's share of the first `num_examples` images of `data.eval_split`, padded to
-    one fixed local batch (`eval.batch_size` global) with a mask."""
-    local = base.local_batch_size(int(config.eval.batch_size))
+    one fixed local batch (`batch_size` global) with a mask."""
+    local = base.local_batch_size(batch_size)
     batches = input_pipeline.create_eval_arrays(
         config,
         config.data.eval_split,
@@ -116,17 +122,25 @@ class BitsPerDim:
 
     needs = frozenset({base.Need.IMAGES})
 
-    def __init__(self, context: base.Context) -> None:
+    def __init__(
+        self, context: base.Context, *, num_examples: int, batch_size: int, precision: str
+    ) -> None:
         self.context = context
+        self.num_examples, self.batch_size, self.precision = num_examples, batch_size, precision
         self._fn = None
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
+        evaluators.check_positive(settings, where, ("num_examples", "batch_size"))
+        evaluators.check_choice(settings, where, "precision", evaluators.PRECISIONS)
 
     def run(self, params: Any, step: int) -> dict[str, Any]:
         ctx, c = self.context, self.context.config
-        self._fn = self._fn or make_bpd_fn(c, ctx.apply, ctx.mesh)
+        self._fn = self._fn or make_bpd_fn(c, ctx.apply, ctx.mesh, precision=self.precision)
         result = compute_bpd(
             self._fn,
             params,
-            eval_batches(c, c.eval.bpd_num_examples),
+            eval_batches(c, self.num_examples, self.batch_size),
             ctx.mesh,
             streams.key(c.seed, streams.Stream.BPD),
         )

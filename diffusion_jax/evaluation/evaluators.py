@@ -1,24 +1,29 @@
-"""The evaluator types, what each needs, the configured instances, and their checks."""
+"""The evaluator types, what each needs, the configured instances, and their checks.
+
+An instance is an entry of `config.evals` (big_vision style), `config.evals.<name> =
+dict(type=<one of EVALUATORS>, **settings)`, whose settings are exactly the keyword-only
+arguments of that type's constructor; an optional `sampling` dict overrides `config.sampling`
+for that instance alone. `config.eval.evaluators` names the instances a job runs, in order.
+"""
 
 from __future__ import annotations
 
 import enum
 import importlib
+import inspect
 from typing import Any
 
 import ml_collections
 
 from diffusion_jax import input_pipeline
-from diffusion_jax.diffusion import ode_likelihood, process
 from diffusion_jax.metrics import dataset_quality
-from diffusion_jax.runtime import errors
 from diffusion_jax.runtime.errors import ConfigError
 from diffusion_jax.training import config_checks
 
 # jax.default_matmul_precision names.
 PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 
-# name -> "module.Class" in this package, imported on first use (so that
+# type -> "module.Class" in this package, imported on first use (so that
 # `python -m diffusion_jax.evaluation.quality` does not import itself twice).
 EVALUATORS = {
     "bpd": "bpd.BitsPerDim",
@@ -29,101 +34,156 @@ EVALUATORS = {
     "quality": "quality.SampleQuality",
 }
 
+# The annotations a setting may have, and the values each accepts.
+_SETTING_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
 
 class Need(enum.Enum):
     """What an evaluator class declares in its `needs`; `check_config`
     checks each before anything compiles."""
 
     IMAGES = "image data"  # [H, W, C] images, not the 2-D swiss roll
-    QUALITY_METRIC = "a sample-quality metric of the data"  # `metrics.quality.HEADLINE`
+    QUALITY_METRIC = "a sample-quality metric of the data"  # `dataset_quality.HEADLINE`
     SAMPLES = "samples"  # draws samples: an instance may give it its own sampler settings
 
 
-def instances(config: Any) -> dict[str, tuple[str, Any]]:
-    """{instance name: (evaluator type, the config it runs with)} of `config.eval.evaluators`
-    (module docstring); ConfigError for a name that is neither a type nor an instance."""
-    defined = config.eval.get("instances", None) or {}
-    out = {}
-    for name in config.eval.evaluators:
-        if name in EVALUATORS and name not in defined:
-            out[name] = (name, config)
-            continue
-        if name not in defined:
-            raise ConfigError(
-                f"config.eval.evaluators: {name!r} is neither an evaluator "
-                f"({', '.join(EVALUATORS)}) nor an instance of config.eval.instances"
-            )
-        spec = defined[name]
-        kind = spec.get("type", "")
-        if kind not in EVALUATORS:
-            raise ConfigError(
-                f"config.eval.instances.{name}.type={kind!r}; allowed: {', '.join(EVALUATORS)}"
-            )
-        own = config.copy_and_resolve_references()
-        with own.unlocked():
-            for section in ("sampling", "eval"):
-                for key, value in (spec.get(section, None) or {}).items():
-                    if key not in own[section]:
-                        raise ConfigError(
-                            f"config.eval.instances.{name}.{section}.{key}: config.{section} "
-                            f"has no field {key!r}"
-                        )
-                    own[section][key] = value
-        out[name] = (kind, own)
-    return out
-
-
-def evaluator_class(name: str) -> type:
-    """The evaluator class registered as `name` (ConfigError naming the allowed ones)."""
-    if name not in EVALUATORS:
-        raise ConfigError(f"evaluator {name!r}; allowed: {', '.join(EVALUATORS)}")
-    module, cls = EVALUATORS[name].split(".")
+def evaluator_class(kind: str) -> type:
+    """The evaluator class registered as `kind` (ConfigError naming the allowed ones)."""
+    if kind not in EVALUATORS:
+        raise ConfigError(f"evaluator type {kind!r}; allowed: {', '.join(EVALUATORS)}")
+    module, cls = EVALUATORS[kind].split(".")
     return getattr(importlib.import_module(f"diffusion_jax.evaluation.{module}"), cls)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """What each configured evaluator declares it needs (`Need`), then the
-    `config.eval` fields."""
-    kinds = set()
-    for name, (kind, own) in instances(config).items():
-        needs = evaluator_class(kind).needs
-        kinds.add(kind)
-        if Need.IMAGES in needs and not input_pipeline.is_image_data(config):
-            raise errors.ConfigError(
-                f"config.eval.evaluators: {name!r} needs image data, not {config.data.name!r}"
+def setting_types(cls: type) -> dict[str, str]:
+    """{setting: annotation} of an evaluator class: the keyword-only constructor arguments
+    without a default (those with one, such as a test's `feature_fn`, are not settings)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {
+        p.name: str(p.annotation)
+        for p in params
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
+    }
+
+
+class Instance:
+    """One configured evaluator: its name, type, settings and the config it runs with (the
+    job's, with the instance's `sampling` overrides)."""
+
+    def __init__(self, name: str, spec: ml_collections.ConfigDict, config: Any) -> None:
+        self.name = name
+        self.kind = spec.get("type", "")
+        self.settings = {k: v for k, v in spec.items() if k not in ("type", "sampling")}
+        self.sampling = dict(spec.get("sampling", None) or {})
+        self.job_config = self.config = config
+        if self.sampling:
+            own = config.copy_and_resolve_references()
+            with own.unlocked():
+                for key, value in self.sampling.items():
+                    if key not in own.sampling:
+                        raise ConfigError(
+                            f"config.evals.{name}.sampling.{key}: config.sampling has no "
+                            f"field {key!r}"
+                        )
+                    own.sampling[key] = value
+            self.config = own
+
+    @property
+    def own_samples(self) -> bool:
+        """Whether it samples with other settings than the job's (then into its own folder)."""
+        return self.config.sampling.to_dict() != self.job_config.sampling.to_dict()
+
+    def build(self, context: Any, **options: Any) -> Any:
+        return evaluator_class(self.kind)(context, **self.settings, **options)
+
+
+def instances(config: Any) -> dict[str, Instance]:
+    """{name: Instance} of `config.eval.evaluators`, in order; ConfigError for a name that
+    `config.evals` does not define or an unknown type."""
+    defined = config.get("evals", None) or {}
+    out = {}
+    for name in config.eval.evaluators:
+        if name not in defined:
+            raise ConfigError(
+                f"config.eval.evaluators: {name!r} is not an entry of config.evals "
+                f"({', '.join(defined) or 'none'})"
             )
-        if Need.QUALITY_METRIC in needs and config.data.name not in dataset_quality.HEADLINE:
-            raise errors.ConfigError(
-                f"config.eval.evaluators: {name!r} has a metric for "
+        spec = defined[name]
+        if spec.get("type", "") not in EVALUATORS:
+            raise ConfigError(
+                f"config.evals.{name}.type={spec.get('type', '')!r}; allowed: "
+                f"{', '.join(EVALUATORS)}"
+            )
+        out[name] = Instance(name, spec, config)
+    return out
+
+
+def settings_of_type(config: Any, kind: str) -> dict[str, Any]:
+    """The settings of the first instance of type `kind` (those run first, then the rest of
+    `config.evals`), for the tools that compile an evaluator's programs (aot, benchmark)."""
+    defined = config.get("evals", None) or {}
+    names = [*config.eval.evaluators, *defined]
+    for name in names:
+        if name in defined and defined[name].get("type", "") == kind:
+            return {k: v for k, v in defined[name].items() if k not in ("type", "sampling")}
+    raise ConfigError(f"config.evals has no evaluator of type {kind!r}")
+
+
+def _check_settings(instance: Instance) -> None:
+    """The settings against the constructor's: none unknown, none missing, the right types."""
+    where = f"config.evals.{instance.name}"
+    expected = setting_types(evaluator_class(instance.kind))
+    for key, value in instance.settings.items():
+        if key not in expected:
+            raise ConfigError(
+                f"{where}.{key}: a {instance.kind!r} evaluator has no setting {key!r}; its "
+                f"settings: {', '.join(expected)}"
+            )
+        allowed = _SETTING_TYPES[expected[key]]
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise ConfigError(f"{where}.{key}={value!r} must be of type {expected[key]}")
+    missing = [key for key in expected if key not in instance.settings]
+    if missing:
+        raise ConfigError(f"{where}: missing setting(s) {', '.join(missing)} of {instance.kind!r}")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Each instance of `config.eval.evaluators`: its type, its settings (names, types and
+    the evaluator's own `check_settings`), what its type declares it needs (`Need`), and its
+    sampler overrides."""
+    for name, instance in instances(config).items():
+        cls = evaluator_class(instance.kind)
+        _check_settings(instance)
+        cls.check_settings(instance.settings, f"config.evals.{name}", instance.config)
+        if Need.IMAGES in cls.needs and not input_pipeline.is_image_data(config):
+            raise ConfigError(
+                f"config.evals.{name}: a {instance.kind!r} evaluator needs image data, not "
+                f"{config.data.name!r}"
+            )
+        if Need.QUALITY_METRIC in cls.needs and config.data.name not in dataset_quality.HEADLINE:
+            raise ConfigError(
+                f"config.evals.{name}: a {instance.kind!r} evaluator has a metric for "
                 f"{', '.join(dataset_quality.HEADLINE)} only, not {config.data.name!r}; use 'fid'"
             )
-        if own is config:
+        if not instance.sampling:
             continue
-        if Need.SAMPLES not in needs and own.sampling.to_dict() != config.sampling.to_dict():
-            raise errors.ConfigError(
-                f"config.eval.instances.{name}.sampling: a {kind!r} evaluator draws no samples"
+        if Need.SAMPLES not in cls.needs:
+            raise ConfigError(
+                f"config.evals.{name}.sampling: a {instance.kind!r} evaluator draws no samples"
             )
-        config_checks.check_sampling(own, mode="eval")
-    for name in (
-        "batch_size",
-        "grid_num",
-        "progressive_steps",
-        "interpolation_lambdas",
-        "is_splits",
-    ):
-        if int(config.eval[name]) < 1:
-            raise errors.ConfigError(f"config.eval.{name}={config.eval[name]!r} must be >= 1")
-    config_checks.check_field_choice(config, "eval.precision", PRECISIONS)
-    config_checks.check_field_choice(config, "eval.ode_solver", ode_likelihood.SOLVERS)
-    config_checks.check_field_choice(config, "eval.ode_divergence", ode_likelihood.DIVERGENCES)
-    config_checks.check_field_choice(config, "eval.ode_probe", ode_likelihood.PROBES)
-    config_checks.check_positive(config, ("eval.ode_num_steps", "eval.ode_num_probes"))
-    if "ode_bpd" in kinds:
-        config_checks.check_field_choice(
-            config, "diffusion.model_output", process.ODE_MODEL_OUTPUTS
-        )
-    if 0 < config.eval.num_samples < config.eval.is_splits:
-        raise errors.ConfigError(
-            f"config.eval.num_samples={config.eval.num_samples} is fewer than the "
-            f"{config.eval.is_splits} Inception Score splits (eval.is_splits)"
-        )
+        try:
+            config_checks.check_sampling(instance.config, mode="eval")
+        except ConfigError as e:
+            raise ConfigError(f"config.evals.{name}.sampling: {e}") from None
+
+
+def check_positive(settings: dict[str, Any], where: str, names: tuple[str, ...]) -> None:
+    """ConfigError unless each of `names` is >= 1 (for the evaluators' `check_settings`)."""
+    for key in names:
+        if int(settings[key]) < 1:
+            raise ConfigError(f"{where}.{key}={settings[key]!r} must be >= 1")
+
+
+def check_choice(settings: dict[str, Any], where: str, key: str, allowed: tuple[str, ...]) -> None:
+    if settings[key] not in allowed:
+        raise ConfigError(f"{where}.{key}={settings[key]!r}; allowed: {', '.join(allowed)}")

@@ -21,7 +21,6 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax.evaluation import base, evaluators
-from diffusion_jax.evaluation.evaluators import evaluator_class, instances
 from diffusion_jax.runtime import distributed, errors, files, logs, visualize
 from diffusion_jax.sampling import generation
 from diffusion_jax.training import checkpoint, config_checks, distill
@@ -64,10 +63,11 @@ def append_metrics(path: epath.Path, record: dict[str, Any]) -> None:
 
 
 class Job:
-    """The configured evaluators of one workdir, built once and run on each checkpoint.
+    """The evaluators of `config.eval.evaluators` (instances of `config.evals`), built once
+    and run on each checkpoint.
 
-    `evaluator_options` {name: {kwarg: value}} are passed to the evaluators' constructors,
-    e.g. {'fid': {'feature_fn': fn}} to replace the FID Inception.
+    `evaluator_options` {name: {kwarg: value}} are passed to the evaluators' constructors
+    beside their settings, e.g. {'fid': {'feature_fn': fn}} to replace the FID Inception.
     """
 
     def __init__(
@@ -81,13 +81,14 @@ class Job:
         mesh = distributed.make_mesh()
         graphdef, rest, self.abstract_state = state_lib.abstract_train_state(config, mesh)
         apply = generation.model_apply(graphdef, rest)
-        self.eval_dir = base.Context(config, self.workdir, mesh, apply).eval_dir
+        self.eval_dir = self.workdir / "eval"
         options = evaluator_options or {}
         self.evaluators = {}
-        for name, (kind, own) in instances(config).items():
-            own_samples = own.sampling.to_dict() != config.sampling.to_dict()
-            context = base.Context(own, self.workdir, mesh, apply, name if own_samples else "")
-            self.evaluators[name] = (kind, evaluator_class(kind)(context, **options.get(name, {})))
+        for name, instance in evaluators.instances(config).items():
+            key = name if instance.own_samples else ""
+            context = base.Context(name, instance.config, self.workdir, mesh, apply, key)
+            evaluator = instance.build(context, **options.get(name, {}))
+            self.evaluators[name] = (instance.kind, evaluator)
         self.writer = logs.make_writer(self.eval_dir)
 
     def evaluate(self, step: int) -> dict[str, Any]:
@@ -101,7 +102,7 @@ class Job:
         for name, (kind, evaluator) in self.evaluators.items():
             logs.log(f"  {name} ...")
             result = evaluator.run(params, step)
-            if name != kind:  # a configured instance: its own names
+            if name != kind:  # an instance not named after its type: its own names
                 result = {f"{name}/{k}" if k != "pictures" else k: v for k, v in result.items()}
                 result["pictures"] = {
                     f"{name}_{p}": image for p, image in result.get("pictures", {}).items()

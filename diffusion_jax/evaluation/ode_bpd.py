@@ -1,13 +1,14 @@
 """Bits/dim through the probability-flow ODE (Song et al. 2021), evaluator 'ode_bpd'.
 
 The exact likelihood of the model's continuous relaxation, next to the variational bound of
-'bpd', on the same first `eval.bpd_num_examples` test images: uniformly dequantized 8-bit
+the 'bpd' evaluator, on the first `num_examples` test images: uniformly dequantized 8-bit
 data, the discrete chain mapped to continuous time as DPM-Solver does (`process.NoiseProcess`),
 and a fixed-step solver inside one `lax.scan` (`ode_likelihood`), so every shard and host
-takes the same `eval.ode_num_steps` steps and the cost is known in advance. The divergence
-is Hutchinson's estimator with `eval.ode_num_probes` probes (`eval.ode_probe`) or exact
-(`eval.ode_divergence = "exact"`, small data only). Reports 'ode_bpd', its standard error
-over images and probes 'ode_bpd_se', and the network evaluations per image 'ode_nfe'.
+takes the same `num_steps` steps of `solver` and the cost is known in advance. The divergence
+is Hutchinson's estimator with `num_probes` probes of `probe` ('rademacher' | 'gaussian') or
+exact (`divergence = "exact"`, small data only). Batches and `precision` as for 'bpd'.
+Reports 'ode_bpd', its standard error over images and probes 'ode_bpd_se', and the network
+evaluations per image 'ode_nfe'.
 """
 
 from __future__ import annotations
@@ -21,20 +22,28 @@ import ml_collections
 from jax.sharding import Mesh
 
 from diffusion_jax.diffusion import ode_likelihood, process
-from diffusion_jax.evaluation import base, bpd
-from diffusion_jax.runtime import streams
+from diffusion_jax.evaluation import base, bpd, evaluators
+from diffusion_jax.runtime import errors, streams
 
 
 def make_ode_bpd_fn(
-    config: ml_collections.ConfigDict, apply: Callable[..., jax.Array], mesh: Mesh
+    config: ml_collections.ConfigDict,
+    apply: Callable[..., jax.Array],
+    mesh: Mesh,
+    *,
+    precision: str,
+    num_steps: int,
+    solver: str,
+    divergence: str,
+    probe: str,
+    num_probes: int,
 ) -> Callable[..., dict[str, jax.Array]]:
     """Jitted `(params, image uint8 [B, H, W, C], label [B], mask [B], key) -> sums` over the
     unmasked examples (replicated): 'count', 'bpd' and 'bpd_sq' (of the per-image bpd, for
     the standard error); conditional models use the true labels and no guidance."""
-    c = config.eval
     vp = process.from_config(config.diffusion)
     conditional = bool(config.model.num_classes)
-    apply = base.with_precision(apply, config.eval.precision)
+    apply = base.with_precision(apply, precision)
 
     def per_example(params, image, label, key):
         y = label if conditional else None
@@ -44,11 +53,11 @@ def make_ode_bpd_fn(
             lambda x_t, t: apply(params, x_t, t, y),
             image,
             key,
-            num_steps=int(c.ode_num_steps),
-            solver=c.ode_solver,
-            divergence=c.ode_divergence,
-            probe=c.ode_probe,
-            num_probes=int(c.ode_num_probes),
+            num_steps=int(num_steps),
+            solver=solver,
+            divergence=divergence,
+            probe=probe,
+            num_probes=int(num_probes),
         )
         return {"bpd": out["bpd"], "bpd_sq": out["bpd"] ** 2}
 
@@ -60,14 +69,50 @@ class OdeBitsPerDim:
 
     needs = frozenset({base.Need.IMAGES})
 
-    def __init__(self, context: base.Context) -> None:
+    def __init__(
+        self,
+        context: base.Context,
+        *,
+        num_examples: int,
+        batch_size: int,
+        precision: str,
+        num_steps: int,
+        solver: str,
+        divergence: str,
+        probe: str,
+        num_probes: int,
+    ) -> None:
         self.context = context
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.ode = dict(
+            precision=precision,
+            num_steps=num_steps,
+            solver=solver,
+            divergence=divergence,
+            probe=probe,
+            num_probes=num_probes,
+        )
         self._fn = None
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
+        evaluators.check_positive(
+            settings, where, ("num_examples", "batch_size", "num_steps", "num_probes")
+        )
+        if config.diffusion.model_output not in process.ODE_MODEL_OUTPUTS:
+            raise errors.ConfigError(
+                f"{where}: the probability-flow ODE needs diffusion.model_output in "
+                f"{', '.join(process.ODE_MODEL_OUTPUTS)}, not {config.diffusion.model_output!r}"
+            )
+        evaluators.check_choice(settings, where, "precision", evaluators.PRECISIONS)
+        evaluators.check_choice(settings, where, "solver", ode_likelihood.SOLVERS)
+        evaluators.check_choice(settings, where, "divergence", ode_likelihood.DIVERGENCES)
+        evaluators.check_choice(settings, where, "probe", ode_likelihood.PROBES)
 
     def run(self, params: Any, step: int) -> dict[str, Any]:
         ctx, c = self.context, self.context.config
-        self._fn = self._fn or make_ode_bpd_fn(c, ctx.apply, ctx.mesh)
-        batches = bpd.eval_batches(c, c.eval.bpd_num_examples)
+        self._fn = self._fn or make_ode_bpd_fn(c, ctx.apply, ctx.mesh, **self.ode)
+        batches = bpd.eval_batches(c, self.num_examples, self.batch_size)
         key = streams.key(c.seed, streams.Stream.ODE_BPD)
         total = base.sum_over_batches(
             self._fn, params, batches, ctx.mesh, key, "ODE bits/dim", "bpd"
@@ -78,6 +123,6 @@ class OdeBitsPerDim:
         return {
             "ode_bpd": float(mean),
             "ode_bpd_se": math.sqrt(var / n),
-            "ode_nfe": ode_likelihood.ode_nfe(int(c.eval.ode_num_steps), c.eval.ode_solver),
+            "ode_nfe": ode_likelihood.ode_nfe(int(self.ode["num_steps"]), self.ode["solver"]),
             "ode_num_examples": int(round(n)),
         }

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import input_pipeline
 from diffusion_jax.diffusion import process
-from diffusion_jax.evaluation import base
+from diffusion_jax.evaluation import base, evaluators
 from diffusion_jax.runtime import distributed, errors, logs, streams, visualize
 from diffusion_jax.sampling import generation, registry, run
 
@@ -43,43 +43,60 @@ def snapshot_every(chain_length: int, num_snapshots: int) -> int:
 
 
 def make_interpolation_fn(
-    config: ml_collections.ConfigDict, apply: Callable[..., jax.Array]
+    config: ml_collections.ConfigDict,
+    apply: Callable[..., jax.Array],
+    timestep: int,
+    lambdas: int,
 ) -> Callable[..., jax.Array]:
     """Jitted `(params, x_a, x_b [P, H, W, C], labels [P], key) -> [L, P, H, W, C]`: DDPM
-    §4.4 on the full chain from timestep `eval.interpolation_t` with L =
-    `eval.interpolation_lambdas` evenly spaced lambdas in [0, 1]. It runs where its inputs
-    are (one device: the batch is small and need not divide the device count)."""
+    §4.4 on the full chain from `timestep` (at most T - 1) with L = `lambdas` evenly spaced
+    lambdas in [0, 1]. It runs where its inputs are (one device: the batch is small and need
+    not divide the device count)."""
     sched = process.from_config(config.diffusion)
-    t_index = min(int(config.eval.interpolation_t), sched.num_timesteps - 1)
-    lambdas = np.linspace(0.0, 1.0, int(config.eval.interpolation_lambdas))
+    t_index = min(int(timestep), sched.num_timesteps - 1)
+    mix = np.linspace(0.0, 1.0, int(lambdas))
 
     def interpolate(params, x_a, x_b, labels, key):
-        tiled = jnp.tile(labels, len(lambdas)) if config.model.num_classes else None
+        tiled = jnp.tile(labels, len(mix)) if config.model.num_classes else None
         fn = generation.denoise_fn(config, apply, params, tiled)
         predict = run.make_predict(fn, config.diffusion.model_output, config.sampling.clip_denoised)
-        return run.interpolate(sched, predict, x_a, x_b, lambdas, t_index, key)
+        return run.interpolate(sched, predict, x_a, x_b, mix, t_index, key)
 
     return jax.jit(interpolate, compiler_options=distributed.compiler_options())
 
 
 class Samples:
-    """Evaluator 'samples': `eval.grid_num` samples as a grid ('samples'), and for images the
-    progressive strip of the first `eval.progressive_rows` of them ('progressive'), from one
-    sampling run with the configured sampler."""
+    """Evaluator 'samples': `grid_num` samples as a grid ('samples'), and for images the
+    progressive strip ('progressive') of the first `progressive_rows` of them at
+    `progressive_steps` points of the chain, from one sampling run with the configured
+    sampler."""
 
     needs = frozenset({base.Need.SAMPLES})
 
-    def __init__(self, context: base.Context) -> None:
+    def __init__(
+        self,
+        context: base.Context,
+        *,
+        grid_num: int,
+        progressive_steps: int,
+        progressive_rows: int,
+    ) -> None:
         self.context = context
-        c = context.config
-        rows = max(int(c.eval.grid_num), int(c.eval.progressive_rows))
-        self.batch = base.round_up_to_devices(rows)
+        self.grid_num, self.progressive_rows = grid_num, progressive_rows
+        self.progressive_steps = progressive_steps
+        self.batch = base.round_up_to_devices(max(grid_num, progressive_rows))
         self._sampler = None
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
+        evaluators.check_positive(
+            settings, where, ("grid_num", "progressive_steps", "progressive_rows")
+        )
 
     def _make_sampler(self) -> Callable[..., dict[str, jax.Array]]:
         ctx, c = self.context, self.context.config
         steps = registry.build(c).num_steps
-        every = snapshot_every(steps, int(c.eval.progressive_steps))
+        every = snapshot_every(steps, self.progressive_steps)
         return generation.make_sampler(
             c, ctx.apply, ctx.mesh, self.batch, c.sampling.respacing, snapshot_every=every
         )
@@ -93,37 +110,45 @@ class Samples:
         snapshots = multihost_utils.process_allgather(out["snapshots"], tiled=True)
         if not logs.is_chief():
             return {}
-        samples = np.asarray(samples)[: int(c.eval.grid_num)]
+        samples = np.asarray(samples)[: self.grid_num]
         pictures = {"samples": visualize.picture(samples, input_pipeline.reference_points(c))}
         if input_pipeline.is_image_data(c):
-            images, ncol = progressive_strip(np.asarray(snapshots), int(c.eval.progressive_rows))
+            images, ncol = progressive_strip(np.asarray(snapshots), self.progressive_rows)
             pictures["progressive"] = visualize.grid_image(images, ncol=ncol)
         return {"pictures": pictures}
 
 
 class Interpolation:
-    """Evaluator 'interpolation': the first 2P test images interpolated pairwise in latent
-    space (chief only, one device), P = `eval.interpolation_pairs`."""
+    """Evaluator 'interpolation': the first 2P test images (P = `pairs`) interpolated
+    pairwise in latent space from `timestep` with `lambdas` mixtures (chief only, one
+    device)."""
 
     needs = frozenset({base.Need.IMAGES})
 
-    def __init__(self, context: base.Context) -> None:
+    def __init__(self, context: base.Context, *, timestep: int, pairs: int, lambdas: int) -> None:
         self.context = context
+        self.timestep, self.pairs, self.lambdas = timestep, pairs, lambdas
         self._fn = None
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
+        evaluators.check_positive(settings, where, ("pairs", "lambdas"))
+        if settings["timestep"] < 0:
+            raise errors.ConfigError(f"{where}.timestep={settings['timestep']!r} must be >= 0")
 
     def run(self, params: Any, step: int) -> dict[str, Any]:
         if not logs.is_chief():
             return {}
         ctx, c = self.context, self.context.config
-        self._fn = self._fn or make_interpolation_fn(c, ctx.apply)
-        pairs = int(c.eval.interpolation_pairs)
+        self._fn = self._fn or make_interpolation_fn(c, ctx.apply, self.timestep, self.lambdas)
+        pairs = self.pairs
         batches = input_pipeline.create_eval_arrays(
             c, c.data.eval_split, 2 * pairs, batch_size=2 * pairs
         )
         batch = next(iter(batches))
         if len(batch["label"]) < 2 * pairs:
             raise errors.ConfigError(
-                f"eval.interpolation_pairs={pairs} needs {2 * pairs} test images"
+                f"config.evals.{ctx.name}.pairs={pairs} needs {2 * pairs} test images"
             )
         x = input_pipeline.to_model_range(batch["image"])
         x_a, x_b = x[:pairs], x[pairs:]

@@ -7,9 +7,9 @@ for the 2-D swiss roll, by the energy distance and MMD against fresh data
 (`metrics/points.py`). Each number comes with its real-data floor (held-out real data scored
 the same way), so it means something on its own.
 
-The samples are the eval job's samples of the checkpoint (`eval.num_samples`, the configured
-sampler, resumable shards in `DIR/eval/samples/<step>/`, shared with FID/IS). Any folder of
-sample shards can be scored from the command line:
+The samples are the eval job's samples of the checkpoint (the first `num_samples`, the
+configured sampler, resumable shards in `DIR/eval/samples/<step>/`, shared with FID/IS).
+Any folder of sample shards can be scored from the command line:
 
     python -m diffusion_jax.evaluation.quality DIR/samples/1500 [--num_samples N]
 """
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from diffusion_jax.evaluation import base, sample_job
+from diffusion_jax.evaluation import base, evaluators, sample_job
 from diffusion_jax.metrics.dataset_quality import HEADLINE, score, summary
 from diffusion_jax.runtime import errors, logs
 
@@ -35,8 +35,12 @@ class SampleQuality:
 
     needs = frozenset({base.Need.QUALITY_METRIC, base.Need.SAMPLES})
 
-    def __init__(self, context: base.Context) -> None:
-        self.samples = base.EvalSamples(context)
+    def __init__(self, context: base.Context, *, num_samples: int) -> None:
+        self.samples = base.EvalSamples(context, num_samples)
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
+        evaluators.check_positive(settings, where, ("num_samples",))
 
     def run(self, params: Any, step: int) -> dict[str, Any]:
         directory = self.samples.draw(params, step)

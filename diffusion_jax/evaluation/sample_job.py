@@ -195,7 +195,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> epat
         )
         return directory
     if logs.is_chief():
-        grid = load_samples(directory, min(num, int(config.eval.grid_num)))
+        grid = load_samples(directory, min(num, int(c.grid_num)))
         picture = visualize.picture(grid, input_pipeline.reference_points(config))
         visualize.save_png(picture, directory / "grid.png")
         logs.log(f"Done: {num} samples in {directory} (grid: {directory / 'grid.png'})")

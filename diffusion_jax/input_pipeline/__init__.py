@@ -194,7 +194,7 @@ def create_eval_arrays(
     split: str,
     num_examples: int | None,
     *,
-    batch_size: int | None = None,
+    batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[Batch]:
@@ -203,15 +203,11 @@ def create_eval_arrays(
     Takes the first `num_examples` examples of `split` (all when None or <= 0, or when the
     split is smaller); host ``h`` gets the even contiguous slice ``h`` of them. Yields
     ``{'image': uint8 [b, H, W, C] in [0, 255] (NHWC; float32 [b, 2] for swissroll),
-    'label': int32 [b]}`` with ``b = batch_size`` (default ``config.eval.batch_size //
-    process_count``), the last batch possibly smaller. Use the test split for bits/dim and the
-    train split for FID reference statistics.
+    'label': int32 [b]}`` with ``b = batch_size``, the last batch possibly smaller. Use the
+    test split for bits/dim and the train split for FID reference statistics.
     """
     name = validate_dataset_name(config.data.name)
     batches.check_process(process_index, process_count)
-    if batch_size is None:
-        ev = config.get("eval", None)
-        batch_size = max(1, int(ev.batch_size if ev is not None else 256) // process_count)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     limit = int(num_examples) if num_examples is not None and num_examples > 0 else None

@@ -13,9 +13,10 @@ inputs (ShapeDtypeStructs): nothing is allocated and no parameter is initialised
   (`build_programs`), so that its `fits` means it fits during training; only when
   `training.sample_every` > 0 (a run draws no previews otherwise);
 - 'sample': `generation.make_sampler` at `sampling.batch_size` (the whole chain or solver);
-- 'bpd', 'ode_bpd': the evaluation's likelihood programs at `eval.batch_size`;
-- 'inception': the FID Inception forward at `eval.batch_size` (image data only), on one
-  host's devices as the evaluation job runs it.
+- 'bpd', 'ode_bpd': the evaluation's likelihood programs with the settings of the config's
+  first evaluator of that type (`evaluators.settings_of_type`: batch, precision, solver);
+- 'inception': the FID Inception forward at the 'fid' evaluator's `batch_size` (image data
+  only), on one host's devices as the evaluation job runs it.
 
 Per program and per device: argument, temporary, output and code bytes (`memory_analysis`)
 and the bytes resident beside the program (the preview's train state) against the chip's
@@ -33,7 +34,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +44,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; it needs no 
 # compile-only process shares no chip, so it must not wait for (or block) another one.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ import configs.base
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -52,12 +51,13 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from diffusion_jax import input_pipeline
-from diffusion_jax.runtime import distributed, errors
+from diffusion_jax.runtime import distributed, errors, paths
 from diffusion_jax.sampling import generation
 from diffusion_jax.tools import xla_analysis
 from diffusion_jax.training import state as state_lib  # noqa: E402
 from diffusion_jax.training import tasks
 
+paths.make_configs_importable()
 GiB = xla_analysis.GiB
 
 # User-facing slice names (Cloud TPU accelerator types) -> libtpu topology names. v2-v4 and
@@ -219,30 +219,36 @@ def build_programs(
         fn = generation.make_sampler(config, apply, mesh, b, config.sampling.respacing)
         labels = _abstract((b,), np.int32, sharded)
         programs.append(Program("sample", fn, (state.ema_params, key, labels), b, "samples", mesh))
-    b = _round_up(config.eval.batch_size, mesh.size)
-    eval_args = (
-        state.ema_params,
-        _abstract((b, *data_shape), np.uint8 if image else np.float32, sharded),
-        _abstract((b,), np.int32, sharded),
-        _abstract((b,), np.float32, sharded),
-        key,
-    )
+    from diffusion_jax.evaluation import bpd, evaluators, ode_bpd
+
+    def eval_args(batch: int) -> tuple[Any, ...]:
+        b = _round_up(batch, mesh.size)
+        return (
+            state.ema_params,
+            _abstract((b, *data_shape), np.uint8 if image else np.float32, sharded),
+            _abstract((b,), np.int32, sharded),
+            _abstract((b,), np.float32, sharded),
+            key,
+        )
+
     if "bpd" in names:
-        from diffusion_jax.evaluation import bpd
-
-        fn = bpd.make_bpd_fn(config, apply, mesh)
-        programs.append(Program("bpd", fn, eval_args, b, "images", mesh))
+        s = evaluators.settings_of_type(config, "bpd")
+        fn = bpd.make_bpd_fn(config, apply, mesh, precision=s["precision"])
+        args = eval_args(s["batch_size"])
+        programs.append(Program("bpd", fn, args, args[1].shape[0], "images", mesh))
     if "ode_bpd" in names:
-        from diffusion_jax.evaluation import ode_bpd
-
-        fn = ode_bpd.make_ode_bpd_fn(config, apply, mesh)
-        programs.append(Program("ode_bpd", fn, eval_args, b, "images", mesh))
+        s = evaluators.settings_of_type(config, "ode_bpd")
+        ode = {k: v for k, v in s.items() if k not in ("num_examples", "batch_size")}
+        fn = ode_bpd.make_ode_bpd_fn(config, apply, mesh, **ode)
+        args = eval_args(s["batch_size"])
+        programs.append(Program("ode_bpd", fn, args, args[1].shape[0], "images", mesh))
     if "inception" in names and image:
         from diffusion_jax.metrics import inception
 
+        s = evaluators.settings_of_type(config, "fid")
         local = topo.mesh(local=True)
-        b = _round_up(config.eval.batch_size, local.size)
-        fn = inception.make_forward(local, logits_bias=bool(config.eval.is_logits_bias))
+        b = _round_up(s["batch_size"], local.size)
+        fn = inception.make_forward(local, logits_bias=bool(s["is_logits_bias"]))
         params = jax.tree.map(
             lambda s: _abstract(s.shape, s.dtype, distributed.replicated(local)),
             inception.abstract_state(),

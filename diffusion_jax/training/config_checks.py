@@ -20,10 +20,17 @@ from diffusion_jax.training import state
 STUDENT_OUTPUTS = ("v", "x0")  # what a distilled student predicts
 
 
+def field(config: ml_collections.ConfigDict, name: str):
+    """The value of the dotted field `name` ('training.batch_size', 'evals.bpd.precision')."""
+    value = config
+    for key in name.split("."):
+        value = value[key]
+    return value
+
+
 def check_positive(config: ml_collections.ConfigDict, fields: tuple[str, ...], strict: bool = True):
     for name in fields:
-        section, key = name.split(".")
-        value = config[section][key]
+        value = field(config, name)
         if (value <= 0) if strict else (value < 0):
             bound = "> 0" if strict else ">= 0"
             raise errors.ConfigError(f"config.{name}={value!r} must be {bound}")
@@ -32,15 +39,13 @@ def check_positive(config: ml_collections.ConfigDict, fields: tuple[str, ...], s
 def check_field_choice(
     config: ml_collections.ConfigDict, name: str, allowed: tuple[str, ...]
 ) -> None:
-    section, key = name.split(".")
-    value = config[section][key]
+    value = field(config, name)
     if value not in allowed:
         raise errors.ConfigError(f"config.{name}={value!r}; allowed: {', '.join(allowed)}")
 
 
 def _divisible(config: ml_collections.ConfigDict, name: str, num_devices: int) -> None:
-    section, key = name.split(".")
-    value = config[section][key]
+    value = field(config, name)
     if value % num_devices:
         raise errors.ConfigError(
             f"config.{name}={value} is not divisible by the {num_devices} devices; "
@@ -133,10 +138,9 @@ def check_distill(config: ml_collections.ConfigDict, mode: str) -> None:
 
 def _needs_classes(config: ml_collections.ConfigDict, name: str) -> None:
     """`name` (label dropout, guidance) does something only for a class-conditional model."""
-    section, key = name.split(".")
-    if config[section][key] > 0 and not config.model.num_classes:
+    if field(config, name) > 0 and not config.model.num_classes:
         raise errors.ConfigError(
-            f"config.{name}={config[section][key]!r} needs a class-conditional model, but "
+            f"config.{name}={field(config, name)!r} needs a class-conditional model, but "
             "config.model.num_classes=0; set model.num_classes to the number of classes, or "
             f"{name}=0"
         )

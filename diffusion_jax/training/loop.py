@@ -251,7 +251,7 @@ def _final_report(config, apply, mesh, state, workdir: epath.Path) -> None:
         samples = input_pipeline.to_data_levels(samples, int(config.data.levels))
     path = workdir / "samples" / "final.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = samples[: int(config.eval.grid_num)] if samples.ndim == 4 else samples
+    grid = samples[: int(config.sampling.grid_num)] if samples.ndim == 4 else samples
     visualize.save_png(visualize.picture(grid, input_pipeline.reference_points(config)), path)
     if config.data.name in dataset_quality.HEADLINE:
         print(f"Sample quality of {num}: {dataset_quality.summary(dataset_quality.score(samples))}")

@@ -11,13 +11,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from diffusion_jax.runtime import paths
 from diffusion_jax.tools.benchmark import options, report
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "cifar10.py"
+DEFAULT_CONFIG = paths.REPO_ROOT / "configs" / "cifar10.py"
 # Options passed on unchanged to launch/benchmark_peer.py (which has flags of these names).
 PEER_OPTIONS = (
     "max_batch",
@@ -52,7 +51,7 @@ def run_peer(
         return None
     cmd = [
         sys.executable,
-        str(REPO_ROOT / "launch" / "benchmark_peer.py"),
+        str(paths.REPO_ROOT / "launch" / "benchmark_peer.py"),
         f"--only={','.join(tasks)}",
         f"--dtypes={','.join(opts.dtypes)}",
         f"--batch={batch}",
@@ -102,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, str(REPO_ROOT))  # config files import `configs.base`
+    paths.make_configs_importable()
     from absl import app
 
     define_flags()

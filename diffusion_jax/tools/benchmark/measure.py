@@ -62,6 +62,7 @@ from flax import nnx
 from diffusion_jax import input_pipeline
 from diffusion_jax.diffusion import process
 from diffusion_jax.evaluation import bpd as bpd_lib
+from diffusion_jax.evaluation import evaluators
 from diffusion_jax.metrics import inception as inception_lib
 from diffusion_jax.runtime import distributed
 from diffusion_jax.sampling import generation
@@ -389,10 +390,13 @@ class Benchmark:
         image, what the bound respaced to K steps costs."""
         cfg = self.config_for(dtype)
         total, steps = self._chain_steps(cfg, self.opts.bpd_timesteps, "--bpd_timesteps")
-        batch = self.opts.bpd_batch or int(cfg.eval.batch_size)
+        settings = evaluators.settings_of_type(cfg, "bpd")
+        batch = self.opts.bpd_batch or int(settings["batch_size"])
         self._check_batch(batch, "--bpd_batch")
         cfg.diffusion.num_timesteps = steps
-        fn = bpd_lib.make_bpd_fn(cfg, self.apply_for(dtype), self.mesh)
+        fn = bpd_lib.make_bpd_fn(
+            cfg, self.apply_for(dtype), self.mesh, precision=settings["precision"]
+        )
         data = self._sharded_images(batch, uint8=True)
         local = batch // jax.process_count()
         mask = distributed.global_batch({"mask": np.ones(local, np.float32)}, self.mesh)["mask"]
@@ -414,7 +418,8 @@ class Benchmark:
     # -- inception --------------------------------------------------------------------------
 
     def inception(self) -> None:
-        batch = self.opts.inception_batch or int(self.config.eval.batch_size)
+        fid = evaluators.settings_of_type(self.config, "fid")
+        batch = self.opts.inception_batch or int(fid["batch_size"])
         self._check_batch(batch, "--inception_batch")
         zeros = lambda key, shape, dtype=np.float32: np.zeros(shape, dtype)
         params = nnx.state(inception_lib.InceptionV3(nnx.Rngs(0), kernel_init=zeros))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +15,7 @@ from flax import nnx
 
 from diffusion_jax import models
 from diffusion_jax.models.unet import UNet
-from diffusion_jax.runtime import errors
+from diffusion_jax.runtime import errors, paths
 from diffusion_jax.tools.convert import mapping
 
 FORMAT_NAME = "diffusion_jax.imported"
@@ -119,9 +118,7 @@ def build_imported_model(model_config: ml_collections.ConfigDict, params: mappin
 def load_config_file(path: str | os.PathLike[str]) -> ml_collections.ConfigDict:
     """`get_config()` of an experiment config file such as `configs/cifar10.py` (the
     repository root is made importable, since config files import `configs.base`)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    paths.make_configs_importable()
     return runpy.run_path(os.fspath(path))["get_config"]()
 
 
