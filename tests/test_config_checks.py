@@ -4,7 +4,6 @@ DDIM steps, training previews), guidance or label dropout on an unconditional mo
 of 1. The jsd schedule is clipped (IDDPM's max_beta), so it samples finite numbers with the
 chain and with the ODE solvers."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,5 @@
-"""The evaluation job and sample mode (evaluation/job.py, evaluation/sample_job.py) on a tiny digits model.
+"""The evaluation job and sample mode (evaluation/job.py, evaluation/sample_job.py) on a
+tiny digits model.
 
 A module-scoped fixture writes three checkpoints (steps 1, 2, 3) of a tiny U-Net (ch 8, one
 level, T = 20) with random weights; every test works on its own copy of that workdir. The
