@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from diffusion_jax import models
 from diffusion_jax.models.unet import UNet
@@ -24,28 +24,17 @@ Flat = dict[str, np.ndarray]
 # Flat <-> nested parameter dicts.
 
 
-def flatten_params(params: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_params(params: Mapping[Any, Any]) -> dict[str, Any]:
     """Nested pure dict -> {"a/0/b": leaf} (leaves kept as they are)."""
-    out: dict[str, Any] = {}
-    for k, v in params.items():
-        name = f"{prefix}{SEP}{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten_params(v, name))
-        else:
-            out[name] = v
-    return out
+    return {SEP.join(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
 
 
 def unflatten_params(flat: Mapping[str, np.ndarray]) -> Params:
-    """{"a/0/b": array} -> nested pure dict; all-digit path parts become int keys."""
-    out: Params = {}
-    for name, v in flat.items():
-        node = out
-        parts = [int(p) if p.isdigit() else p for p in name.split(SEP)]
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return out
+    """{"a/0/b": array} -> nested pure dict; all-digit path parts become int keys (nnx's
+    list indices)."""
+    return traverse_util.unflatten_dict(
+        {tuple(int(p) if p.isdigit() else p for p in k.split(SEP)): v for k, v in flat.items()}
+    )
 
 
 # ---------------------------------------------------------------------------------------
