@@ -214,38 +214,38 @@ def test_tpu_pod_environment_lets_jax_detect(variables, several, initialize_call
     assert initialize_calls == ([{}] if several else [])
 
 
-def _fake_cluster(monkeypatch, name, present=True, count=4, error=None):
-    from jax._src import clusters
-
-    def is_env_present(cls):
-        if error is not None:
-            raise error
-        return present
-
-    env = getattr(clusters, name)
-    monkeypatch.setattr(env, "is_env_present", classmethod(is_env_present))
-    monkeypatch.setattr(env, "get_process_count", classmethod(lambda cls: count))
-
-
-@pytest.mark.parametrize("count, several", [(4, True), (1, False)])
-def test_cloud_tpu_vm_pod_slice_from_metadata(count, several, initialize_calls, monkeypatch):
-    """A Compute Engine TPU VM sets no variables: JAX's own detection reads the worker list
-    from the VM metadata (here a stand-in for it). A pod slice initializes, one host not."""
-    _fake_cluster(monkeypatch, "GceTpuCluster", count=count)
+@pytest.mark.parametrize(
+    "workers, several",
+    [("t-0:0:10.0.0.1,t-1:1:10.0.0.2,t-2:2:10.0.0.3", True), ("t-0:0:10.0.0.1", False)],
+)
+def test_cloud_tpu_vm_pod_slice_from_metadata(workers, several, initialize_calls, monkeypatch):
+    """A Compute Engine TPU VM sets no variables: the worker list in the VM metadata (here a
+    stand-in for the metadata server) tells a pod slice, which initializes, from one host."""
+    monkeypatch.setattr(distributed.platforms, "cloud_tpu_vm", lambda: True)
+    monkeypatch.setattr(distributed, "_fetch_tpu_workers", lambda: workers)
     distributed.maybe_initialize_distributed()
     assert initialize_calls == ([{}] if several else [])
 
 
-def test_failing_cluster_detection_is_skipped(initialize_calls, monkeypatch, caplog):
-    _fake_cluster(monkeypatch, "GceTpuCluster", error=RuntimeError("metadata server down"))
+def test_off_tpu_vms_the_metadata_server_is_not_asked(initialize_calls, monkeypatch):
+    asked = []
+    monkeypatch.setattr(distributed, "_fetch_tpu_workers", lambda: asked.append(1) or "a,b")
     distributed.maybe_initialize_distributed()
-    assert initialize_calls == []
-    assert "GceTpuCluster detection failed (metadata server down)" in caplog.text
+    assert asked == [] and initialize_calls == []
+
+
+def test_an_unreachable_metadata_server_means_one_process(monkeypatch, caplog):
+    """A TPU host outside Compute Engine: the query fails at once (nothing listens on the
+    port), a warning says so, and the run goes on as one process."""
+    monkeypatch.setattr(distributed, "TPU_WORKERS_URL", "http://127.0.0.1:9/workers")
+    monkeypatch.setattr(distributed.platforms, "cloud_tpu_vm", lambda: True)
+    assert distributed._tpu_vm_processes() == 1
+    assert "no TPU VM metadata" in caplog.text
 
 
 @pytest.mark.parametrize("ntasks, several", [("2", True), ("1", False)])
-def test_slurm_job_through_jax_detection(ntasks, several, initialize_calls, monkeypatch):
-    """JAX's real Slurm detection (environment only) decides."""
+def test_slurm_job_from_its_variables(ntasks, several, initialize_calls, monkeypatch):
+    """Slurm's variables decide; JAX's own detection then reads the rest."""
     for name, value in dict(
         SLURM_JOB_ID="77",
         SLURM_STEP_NODELIST="node[1-2]",
@@ -256,6 +256,20 @@ def test_slurm_job_through_jax_detection(ntasks, several, initialize_calls, monk
         monkeypatch.setenv(name, value)
     distributed.maybe_initialize_distributed()
     assert initialize_calls == ([{}] if several else [])
+
+
+@pytest.mark.parametrize("size, several", [("4", True), ("1", False)])
+def test_open_mpi_job_from_its_variables(size, several, initialize_calls, monkeypatch):
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", size)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    distributed.maybe_initialize_distributed()
+    assert initialize_calls == ([{}] if several else [])
+
+
+def test_a_slurm_count_outside_a_job_is_ignored(initialize_calls, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # left in a login shell, no SLURM_JOB_ID
+    distributed.maybe_initialize_distributed()
+    assert initialize_calls == []
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import DAMAGE
-from jax._src import compilation_cache
+from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from configs.digits import get_config

@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import urllib.request
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from diffusion_jax.runtime import errors
+from diffusion_jax.runtime import errors, platforms
 
 # Explicit settings for `jax.distributed.initialize`, each passed on only where it is given.
 # JAX reads JAX_COORDINATOR_ADDRESS itself; the process count and index have no variable of
@@ -25,11 +26,12 @@ EXPLICIT_VARIABLES = {
     "process_id": "JAX_PROCESS_ID",
 }
 
-# The cluster environments whose detection `jax.distributed.initialize()` runs by itself
-# (jax._src.clusters): Cloud TPU VMs (worker list and index from the VM metadata), TPUs on GKE
-# (TPU_WORKER_HOSTNAMES), Slurm and Open MPI. Left out: Kubernetes pods in general, whose
-# detection queries the Kubernetes API, and mpi4py, which JAX itself only uses when asked.
-JAX_CLUSTERS = ("GceTpuCluster", "GkeTpuCluster", "SlurmCluster", "OmpiCluster")
+# The Compute Engine metadata of a Cloud TPU VM: its slice's workers, "name:id:ip,..." in
+# worker order (what launch/remote_train.sh reads too).
+TPU_WORKERS_URL = (
+    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+    "worker-network-endpoints"
+)
 
 
 def _int_variable(environ, name: str) -> int | None:
@@ -57,34 +59,39 @@ def _tpu_processes_from_env(environ) -> int:
     return n_hosts * n_slices
 
 
-def _jax_cluster_processes() -> tuple[str, int] | None:
-    """(name, process count) of the first cluster environment in `JAX_CLUSTERS` that JAX's
-    own detection finds, or None. Outside a cluster these checks read environment variables
-    only (the TPU ones return at once when JAX found no Cloud TPU VM at import)."""
+def _launcher_processes(environ) -> int:
+    """Processes that Slurm (SLURM_NTASKS in a job, SLURM_JOB_ID) or Open MPI
+    (OMPI_COMM_WORLD_SIZE) started, by their documented variables; 1 outside them."""
+    slurm = _int_variable(environ, "SLURM_NTASKS") if environ.get("SLURM_JOB_ID") else None
+    return max(slurm or 1, _int_variable(environ, "OMPI_COMM_WORLD_SIZE") or 1)
+
+
+def _fetch_tpu_workers(timeout: float = 5.0) -> str:
+    """The TPU VM's worker list from the metadata server ('' when it does not answer)."""
+    request = urllib.request.Request(TPU_WORKERS_URL, headers={"Metadata-Flavor": "Google"})
     try:
-        from jax._src import clusters
-    except ImportError:  # a jax without this private module: rely on the variables alone
-        return None
-    for name in JAX_CLUSTERS:
-        env = getattr(clusters, name, None)
-        if env is None:
-            continue
-        try:
-            if env.is_env_present():
-                return name, int(env.get_process_count())
-        except Exception as e:  # noqa: BLE001 - a detector that fails means no such cluster
-            logging.warning("jax.distributed: %s detection failed (%s); skipping it", name, e)
-    return None
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read().decode()
+    except OSError as e:  # no metadata server: a TPU host outside Compute Engine
+        logging.warning("jax.distributed: no TPU VM metadata (%s); one process", e)
+        return ""
+
+
+def _tpu_vm_processes() -> int:
+    """Workers of the Cloud TPU VM slice this host is part of (1 off TPU VMs)."""
+    if not platforms.cloud_tpu_vm():
+        return 1
+    return max(1, len([w for w in _fetch_tpu_workers().split(",") if w.strip()]))
 
 
 def initialize_arguments(environ=None) -> dict | None:
     """The keyword arguments for `jax.distributed.initialize`, or None for a single process.
 
     Any of `EXPLICIT_VARIABLES` set: those values (JAX detects the rest). Otherwise, when the
-    environment describes several processes (TPU environment variables, or a cluster that
-    JAX's own detection finds with more than one process: a Cloud TPU pod slice, Slurm, Open
-    MPI), no arguments: JAX detects the cluster itself, as its documentation says to do on
-    Cloud TPU. A single host (a laptop, a one-host TPU VM, Colab) gets None."""
+    environment describes several processes (GKE's TPU variables, Slurm's or Open MPI's, or
+    the worker list of a Cloud TPU VM pod slice in its metadata), no arguments: JAX detects
+    the cluster itself, as its documentation says to do there. A single host (a laptop, a
+    one-host TPU VM, Colab) gets None."""
     environ = os.environ if environ is None else environ
     kwargs = {}
     for arg, name in EXPLICIT_VARIABLES.items():
@@ -96,18 +103,18 @@ def initialize_arguments(environ=None) -> dict | None:
             kwargs[arg] = value
     if kwargs:
         return kwargs
-    if _tpu_processes_from_env(environ) > 1:
+    if _tpu_processes_from_env(environ) > 1 or _launcher_processes(environ) > 1:
         return {}
-    found = _jax_cluster_processes()
-    if found is not None and found[1] > 1:
-        logging.info("jax.distributed: %s with %d processes", *found)
+    if _tpu_vm_processes() > 1:
         return {}
     return None
 
 
 def maybe_initialize_distributed() -> None:
     """Calls `jax.distributed.initialize(**initialize_arguments())` on multi-process runs;
-    single-process runs skip it."""
+    single-process runs skip it. First, the platforms as JAX decided them
+    (`platforms.skip_tpu_off_tpu_vms`): both must precede the first use of a device."""
+    platforms.skip_tpu_off_tpu_vms()
     kwargs = initialize_arguments()
     if kwargs is None:
         return
