@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -110,7 +109,7 @@ def write_sample_shards(
     todo = missing[:max_new] if max_new > 0 else missing
     if num_shards - len(missing):
         logs.log(f"  {num_shards - len(missing)}/{num_shards} shards already in {directory}")
-    start = time.perf_counter()
+    progress = logs.Progress(len(todo) * batch)
     key = streams.key(config.seed, streams.Stream.SAMPLES)
     for n, index in enumerate(todo, 1):
         labels = generation.default_labels(config, batch, offset=index * batch)
@@ -120,13 +119,12 @@ def write_sample_shards(
             buffer = io.BytesIO()
             np.savez(buffer, image=images, label=np.asarray(labels, np.int32))
             files.write_atomic(shard_path(directory, index), buffer.getvalue())
-        rate = n * batch / max(time.perf_counter() - start, 1e-9)
-        left = (len(todo) - n) * batch / rate
+        rate, eta = progress.update(n * batch)
         done = num_shards - len(missing) + n
         logs.log(
             f"  shard {index:05d} written: {done}/{num_shards} shards "
             f"({min(done * batch, num_samples)}/{num_samples} samples), {rate:.1f} samples/s, "
-            f"ETA {logs.format_eta(left)}"
+            f"ETA {eta}"
         )
     return len(todo) == len(missing)
 

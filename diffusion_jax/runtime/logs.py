@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import jax
@@ -31,6 +32,25 @@ def format_eta(seconds: float) -> str:
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
     return (f"{d}d " if d else "") + (f"{h}h{m:02d}m" if d or h else f"{m}m{s:02d}s")
+
+
+class Progress:
+    """The rate and ETA of a long job of `total` units (steps, samples), since the previous
+    `update`. Not clu's `periodic_actions.ReportProgress`: counting steps, it must be called
+    after every single one (a train call advances `training.steps_per_call`), and it reports
+    through work-unit notes and absl logging, not the lines that also carry the loss."""
+
+    def __init__(self, total: int, done: int = 0) -> None:
+        self.total, self._done, self._time = total, done, time.perf_counter()
+        self.interval = 0.0  # seconds between the last two updates
+
+    def update(self, done: int) -> tuple[float, str]:
+        """(units per second since the previous update, ETA of the rest as `format_eta`)."""
+        now = time.perf_counter()
+        self.interval = max(now - self._time, 1e-9)
+        rate = (done - self._done) / self.interval
+        self._done, self._time = done, now
+        return rate, format_eta((self.total - done) / rate if rate > 0 else math.inf)
 
 
 def hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

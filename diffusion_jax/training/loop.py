@@ -9,7 +9,6 @@ continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 
@@ -163,7 +162,7 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     throttle = jax.default_backend() == "cpu" and mesh.size > 1
     if start_step < total and (line := task.announce(start_step)):
         print(line, flush=True)
-    step, tick, tick_step = start_step, time.perf_counter(), start_step
+    step, progress = start_step, logs.Progress(total, start_step)
     input_s = 0.0  # host time spent waiting for batches since the last log line
     stop = False
     while step < total:
@@ -182,17 +181,15 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
         if crossed(before, step, config.training.log_every) or step == total or stop:
             _check_finite(state, workdir, last_good)
             scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            rate = (step - tick_step) / max(now - tick, 1e-9)
+            rate, eta = progress.update(step)
             scalars["steps_per_sec"] = rate
-            scalars["input_wait_frac"] = min(input_s / max(now - tick, 1e-9), 1.0)
-            tick, tick_step, input_s = now, step, 0.0
+            scalars["input_wait_frac"] = min(input_s / progress.interval, 1.0)
+            input_s = 0.0
             writer.write_scalars(step, scalars)
             print(
                 f"step {step}/{total} | loss {scalars['loss']:.4f} | "
                 f"{rate:.2f} steps/s | {rate * config.training.batch_size:.0f} img/s | "
-                f"input wait {scalars['input_wait_frac']:.1%} | "
-                f"ETA {logs.format_eta((total - step) / rate if rate > 0 else math.inf)}",
+                f"input wait {scalars['input_wait_frac']:.1%} | ETA {eta}",
                 flush=True,
             )
         if config.training.sample_every and (
