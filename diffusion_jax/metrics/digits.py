@@ -183,10 +183,10 @@ def _adamw_fit(
     """Full-batch AdamW on the mean softmax cross-entropy of the ReLU MLP, float64 numpy with
     hand-written backpropagation; returns the float64 ``(w, b)`` layers.
 
-    Not scikit-learn's MLPClassifier (float32-or-64 but its Adam has no decoupled weight decay
-    and its result depends on the BLAS thread count) nor optax under jax (float32 by default,
-    and the metric's features must be identical on every machine and device): these 40 lines
-    are float64 and single-threaded, so the cached classifier is the same everywhere."""
+    Not scikit-learn's MLPClassifier (its Adam takes an L2 penalty, not AdamW's decoupled
+    decay: the recipe and the published scores would change) nor optax under jax (float32 by
+    default, on whatever device runs): these lines are float64 numpy on one BLAS thread, so the
+    cached classifier and the metric are the same on every machine."""
     widths = (x.shape[1], *recipe.hidden, NUM_CLASSES)
     rng = np.random.default_rng(recipe.init_seed)
     params = [
