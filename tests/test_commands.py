@@ -131,3 +131,18 @@ def test_each_documented_command_passes_flags_its_module_defines(where, module, 
             for key in field.split("."):
                 assert key in node, f"{where}: {config_file} has no field config.{field}"
                 node = node[key]
+
+
+def test_the_quick_start_is_two_commands_and_ci_runs_the_second():
+    """README starts with a Quick start of exactly two commands in one bash block; CI's
+    entry point runs the second (the whole suite) as it is written there; the README stays
+    a newcomer's page (at most 350 lines; experiments live in BENCHMARKS.md and docs/)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Quick start") :]
+    block = section[section.index("```bash\n") + 8 : section.index("\n```")]
+    lines = block.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("pip install -e . && python -m diffusion_jax")
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert lines[1] in ci
+    assert len(readme.splitlines()) <= 350
+    assert "QS_" not in readme  # no placeholder left

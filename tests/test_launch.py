@@ -477,7 +477,7 @@ def test_tpu_extra_pins_a_tested_jax_range():
 
     assert req.specifier.contains(version.Version(jax.__version__).base_version), (
         f"the tests run on jax {jax.__version__}, outside the tpu extra's {tpu!r}: "
-        "move the pin (README, Cloud TPU) once the tests pass with it"
+        "move the pin (docs/tpu.md) once the tests pass with it"
     )
 
 
