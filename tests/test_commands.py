@@ -139,7 +139,8 @@ def test_the_quick_start_is_two_commands_and_ci_runs_the_second():
     a newcomer's page (at most 350 lines; experiments live in BENCHMARKS.md and docs/)."""
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Quick start") :]
-    block = section[section.index("```bash\n") + 8 : section.index("\n```")]
+    start = section.index("```bash\n") + 8
+    block = section[start : section.index("\n```", start)]
     lines = block.splitlines()
     assert len(lines) == 2 and lines[0].startswith("pip install -e . && python -m diffusion_jax")
     ci = (REPO / ".ci" / "run").read_text().splitlines()
