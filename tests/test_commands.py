@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from diffusion_jax.tools.benchmark import __main__ as benchmark_main
 from diffusion_jax.tools.convert import imported
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,9 @@ DOCUMENTS = (
 )
 COMMAND = re.compile(r"python3? -m (diffusion_jax[\w.]*\w)([^\n`)|;&#>]*)")
 # Default config of the modules that have one when --config is not given.
-DEFAULT_CONFIG = {"diffusion_jax.tools.benchmark": "configs/cifar10.py"}
+DEFAULT_CONFIG = {
+    "diffusion_jax.tools.benchmark": benchmark_main.DEFAULT_CONFIG.relative_to(REPO).as_posix()
+}
 
 
 def _text(path: Path) -> str:

@@ -39,6 +39,7 @@ def with_instance(data, kind, **changes):
         # An instance's own sampler is checked like the configured one, and named.
         ("digits", "fid", dict(sampling=dict(method="euler")), r"evals.mine.sampling: .*'euler'"),
         ("digits", "fid", dict(sampling=dict(steps=20)), r"evals.mine.sampling.steps: config"),
+        ("digits", "fid", dict(sampling=dict(num_steps="20")), r"evals.mine.sampling.num_steps: "),
         # The settings are the constructor's: none unknown, none missing, the right type.
         ("digits", "bpd", dict(num_samples=5), r"evals.mine.num_samples: a 'bpd' .* no setting"),
         ("digits", "fid", dict(is_splits=2.5), r"evals.mine.is_splits=2.5 must be of type int"),

@@ -85,7 +85,10 @@ class Instance:
                             f"config.evals.{name}.sampling.{key}: config.sampling has no "
                             f"field {key!r}"
                         )
-                    own.sampling[key] = value
+                    try:
+                        own.sampling[key] = value
+                    except TypeError as e:  # ml_collections keeps each field's type
+                        raise ConfigError(f"config.evals.{name}.sampling.{key}: {e}") from None
             self.config = own
 
     @property
@@ -125,7 +128,7 @@ def settings_of_type(config: Any, kind: str) -> dict[str, Any]:
     names = [*config.eval.evaluators, *defined]
     for name in names:
         if name in defined and defined[name].get("type", "") == kind:
-            return {k: v for k, v in defined[name].items() if k not in ("type", "sampling")}
+            return Instance(name, defined[name], config).settings
     raise ConfigError(f"config.evals has no evaluator of type {kind!r}")
 
 
