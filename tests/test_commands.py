@@ -55,25 +55,19 @@ def commands() -> list[tuple[str, str, list[str]]]:
 COMMANDS = commands()
 
 
+def _help(module: str, flag: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, flag], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+
+
 @functools.cache
 def defined_flags(module: str) -> frozenset[str]:
     """The flags `python -m module` defines, from its help (absl: the project's own
     sections of --helpfull; argparse: --help)."""
-    out = subprocess.run(
-        [sys.executable, "-m", module, "--helpfull"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    if "Try --helpfull" not in out.stdout and "--helpfull" not in out.stdout:
-        out = subprocess.run(
-            [sys.executable, "-m", module, "--help"],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=300,
-        )
+    out = _help(module, "--helpfull")
+    if "--helpfull" not in out.stdout:  # argparse refuses it: its --help lists every flag
+        out = _help(module, "--help")
         assert out.returncode == 0, out.stderr[-2000:]
         return frozenset(re.findall(r"(?m)^\s+(?:-\w, )?--([\w-]+)", out.stdout))
     assert out.returncode in (0, 1) and "flags:" in out.stdout, out.stderr[-2000:]  # absl: 1

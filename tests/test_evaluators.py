@@ -48,12 +48,13 @@ def with_instance(data, kind, **changes):
         ("digits", "quality", dict(type="nonesuch"), r"evals.mine.type='nonesuch'; allowed: bpd"),
         # Each type's own value checks.
         ("digits", "bpd", dict(precision="fast"), r"evals.mine.precision='fast'; allowed"),
-        ("digits", "bpd", dict(batch_size=0), r"evals.mine.batch_size=0 must be >= 1"),
+        ("digits", "bpd", dict(batch_size=0), r"evals.mine.batch_size=0 must be > 0"),
         ("digits", "ode_bpd", dict(solver="euler"), r"evals.mine.solver='euler'"),
-        ("digits", "ode_bpd", dict(num_probes=0), r"evals.mine.num_probes=0 must be >= 1"),
+        ("digits", "ode_bpd", dict(num_probes=0), r"evals.mine.num_probes=0 must be > 0"),
         ("digits", "fid", dict(num_samples=5), r"num_samples=5 is fewer than the 10 Inception"),
         ("digits", "interpolation", dict(timestep=-1), r"evals.mine.timestep=-1 must be >= 0"),
-        ("digits", "samples", dict(progressive_rows=0), r"progressive_rows=0 must be >= 1"),
+        ("digits", "fid", dict(reference_examples=-1), r"reference_examples=-1 must be >= 0"),
+        ("digits", "samples", dict(progressive_rows=0), r"progressive_rows=0 must be > 0"),
     ],
 )
 def test_instances_are_checked_in_one_line_naming_the_setting(data, kind, changes, match):

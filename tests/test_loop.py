@@ -347,28 +347,14 @@ def test_two_processes_equal_one_process(tmp_path):
     config.model.hidden, config.model.depth = 128, 3  # the swissroll config's model
     config.diffusion.num_timesteps, config.diffusion.timestep_sampler = 100, "uniform"
     loop.train(config, str(tmp_path / "one"))
-    port = free_port()
-    overrides = [
+    procs = two_processes(
+        tmp_path / "two",
         "--config.training.num_train_steps=3",
         "--config.training.checkpoint_every=3",
         "--config.training.sample_every=0",
         "--config.model.dropout=0.1",
         "--config.training.warmup_steps=2",
-    ]
-    procs = [
-        cli(
-            tmp_path / "two",
-            *overrides,
-            devices=4,
-            config="swissroll",
-            env={
-                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                "JAX_NUM_PROCESSES": "2",
-                "JAX_PROCESS_ID": str(i),
-            },
-        )
-        for i in range(2)
-    ]
+    )
     deadline = time.time() + 300
     outs = [p.communicate(timeout=max(deadline - time.time(), 1))[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs

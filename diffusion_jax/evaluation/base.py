@@ -54,7 +54,8 @@ class Evaluator(Protocol):
     needs: frozenset[Need]
 
     @classmethod
-    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None: ...
+    def check_settings(cls, config: Any, path: str) -> None:
+        """ConfigError for a bad value of its settings `config.<path>.*`."""
 
     def run(self, params: Any, step: int) -> dict[str, Any]: ...
 

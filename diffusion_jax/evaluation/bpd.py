@@ -23,6 +23,7 @@ from diffusion_jax.diffusion import process, vlb
 from diffusion_jax.evaluation import base, evaluators
 from diffusion_jax.runtime import files, logs, streams, visualize
 from diffusion_jax.sampling import generation
+from diffusion_jax.training import config_checks
 
 
 def make_bpd_fn(
@@ -130,9 +131,9 @@ class BitsPerDim:
         self._fn = None
 
     @classmethod
-    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
-        evaluators.check_positive(settings, where, ("num_examples", "batch_size"))
-        evaluators.check_choice(settings, where, "precision", evaluators.PRECISIONS)
+    def check_settings(cls, config: Any, path: str) -> None:
+        config_checks.check_positive(config, (f"{path}.num_examples", f"{path}.batch_size"))
+        config_checks.check_field_choice(config, f"{path}.precision", evaluators.PRECISIONS)
 
     def run(self, params: Any, step: int) -> dict[str, Any]:
         ctx, c = self.context, self.context.config

@@ -157,7 +157,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name, instance in instances(config).items():
         cls = evaluator_class(instance.kind)
         _check_settings(instance)
-        cls.check_settings(instance.settings, f"config.evals.{name}", instance.config)
+        cls.check_settings(instance.config, f"evals.{name}")
         if Need.IMAGES in cls.needs and not input_pipeline.is_image_data(config):
             raise ConfigError(
                 f"config.evals.{name}: a {instance.kind!r} evaluator needs image data, not "
@@ -178,15 +178,3 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             config_checks.check_sampling(instance.config, mode="eval")
         except ConfigError as e:
             raise ConfigError(f"config.evals.{name}.sampling: {e}") from None
-
-
-def check_positive(settings: dict[str, Any], where: str, names: tuple[str, ...]) -> None:
-    """ConfigError unless each of `names` is >= 1 (for the evaluators' `check_settings`)."""
-    for key in names:
-        if int(settings[key]) < 1:
-            raise ConfigError(f"{where}.{key}={settings[key]!r} must be >= 1")
-
-
-def check_choice(settings: dict[str, Any], where: str, key: str, allowed: tuple[str, ...]) -> None:
-    if settings[key] not in allowed:
-        raise ConfigError(f"{where}.{key}={settings[key]!r}; allowed: {', '.join(allowed)}")

@@ -27,9 +27,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import input_pipeline
-from diffusion_jax.evaluation import base, evaluators, sample_job
+from diffusion_jax.evaluation import base, sample_job
 from diffusion_jax.metrics import frechet, inception, inception_weights
 from diffusion_jax.runtime import cache, distributed, errors, files, logs
+from diffusion_jax.training import config_checks
 
 # [B, H, W, 3] uint8 NHWC -> (pool3 [B, D], logits [B, K]), host numpy in and out.
 FeatureFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -178,16 +179,16 @@ class FidInceptionScore:
         self._feature_fn = feature_fn
 
     @classmethod
-    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
-        evaluators.check_positive(settings, where, ("batch_size", "is_splits"))
-        if settings["num_samples"] < 0 or settings["reference_examples"] < 0:
+    def check_settings(cls, config: Any, path: str) -> None:
+        config_checks.check_positive(config, (f"{path}.batch_size", f"{path}.is_splits"))
+        # 0 samples: FID is skipped; 0 reference examples: the whole split
+        counts = (f"{path}.num_samples", f"{path}.reference_examples")
+        config_checks.check_positive(config, counts, strict=False)
+        settings = config_checks.field(config, path)
+        if 0 < settings.num_samples < settings.is_splits:
             raise errors.ConfigError(
-                f"{where}: num_samples and reference_examples must be >= 0 (0 = none / all)"
-            )
-        if 0 < settings["num_samples"] < settings["is_splits"]:
-            raise errors.ConfigError(
-                f"{where}.num_samples={settings['num_samples']} is fewer than the "
-                f"{settings['is_splits']} Inception Score splits ({where}.is_splits)"
+                f"config.{path}.num_samples={settings.num_samples} is fewer than the "
+                f"{settings.is_splits} Inception Score splits (config.{path}.is_splits)"
             )
 
     @functools.cached_property

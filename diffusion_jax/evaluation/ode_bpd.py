@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from diffusion_jax.diffusion import ode_likelihood, process
 from diffusion_jax.evaluation import base, bpd, evaluators
 from diffusion_jax.runtime import errors, streams
+from diffusion_jax.training import config_checks
 
 
 def make_ode_bpd_fn(
@@ -95,19 +96,21 @@ class OdeBitsPerDim:
         self._fn = None
 
     @classmethod
-    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
-        evaluators.check_positive(
-            settings, where, ("num_examples", "batch_size", "num_steps", "num_probes")
-        )
+    def check_settings(cls, config: Any, path: str) -> None:
+        counts = ("num_examples", "batch_size", "num_steps", "num_probes")
+        config_checks.check_positive(config, tuple(f"{path}.{k}" for k in counts))
+        for key, allowed in (
+            ("precision", evaluators.PRECISIONS),
+            ("solver", ode_likelihood.SOLVERS),
+            ("divergence", ode_likelihood.DIVERGENCES),
+            ("probe", ode_likelihood.PROBES),
+        ):
+            config_checks.check_field_choice(config, f"{path}.{key}", allowed)
         if config.diffusion.model_output not in process.ODE_MODEL_OUTPUTS:
             raise errors.ConfigError(
-                f"{where}: the probability-flow ODE needs diffusion.model_output in "
+                f"config.{path}: the probability-flow ODE needs diffusion.model_output in "
                 f"{', '.join(process.ODE_MODEL_OUTPUTS)}, not {config.diffusion.model_output!r}"
             )
-        evaluators.check_choice(settings, where, "precision", evaluators.PRECISIONS)
-        evaluators.check_choice(settings, where, "solver", ode_likelihood.SOLVERS)
-        evaluators.check_choice(settings, where, "divergence", ode_likelihood.DIVERGENCES)
-        evaluators.check_choice(settings, where, "probe", ode_likelihood.PROBES)
 
     def run(self, params: Any, step: int) -> dict[str, Any]:
         ctx, c = self.context, self.context.config

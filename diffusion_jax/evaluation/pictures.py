@@ -15,9 +15,10 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import input_pipeline
 from diffusion_jax.diffusion import process
-from diffusion_jax.evaluation import base, evaluators
+from diffusion_jax.evaluation import base
 from diffusion_jax.runtime import distributed, errors, logs, streams, visualize
 from diffusion_jax.sampling import generation, registry, run
+from diffusion_jax.training import config_checks
 
 
 def progressive_strip(snapshots: np.ndarray, rows: int) -> tuple[np.ndarray, int]:
@@ -88,10 +89,9 @@ class Samples:
         self._sampler = None
 
     @classmethod
-    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
-        evaluators.check_positive(
-            settings, where, ("grid_num", "progressive_steps", "progressive_rows")
-        )
+    def check_settings(cls, config: Any, path: str) -> None:
+        counts = ("grid_num", "progressive_steps", "progressive_rows")
+        config_checks.check_positive(config, tuple(f"{path}.{k}" for k in counts))
 
     def _make_sampler(self) -> Callable[..., dict[str, jax.Array]]:
         ctx, c = self.context, self.context.config
@@ -131,10 +131,9 @@ class Interpolation:
         self._fn = None
 
     @classmethod
-    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
-        evaluators.check_positive(settings, where, ("pairs", "lambdas"))
-        if settings["timestep"] < 0:
-            raise errors.ConfigError(f"{where}.timestep={settings['timestep']!r} must be >= 0")
+    def check_settings(cls, config: Any, path: str) -> None:
+        config_checks.check_positive(config, (f"{path}.pairs", f"{path}.lambdas"))
+        config_checks.check_positive(config, (f"{path}.timestep",), strict=False)
 
     def run(self, params: Any, step: int) -> dict[str, Any]:
         if not logs.is_chief():

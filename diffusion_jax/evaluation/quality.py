@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from diffusion_jax.evaluation import base, evaluators, sample_job
+from diffusion_jax.evaluation import base, sample_job
 from diffusion_jax.metrics.dataset_quality import HEADLINE, score, summary
 from diffusion_jax.runtime import errors, logs
+from diffusion_jax.training import config_checks
 
 __all__ = ["HEADLINE", "SampleQuality", "score", "summary"]
 
@@ -39,8 +40,8 @@ class SampleQuality:
         self.samples = base.EvalSamples(context, num_samples)
 
     @classmethod
-    def check_settings(cls, settings: dict[str, Any], where: str, config: Any) -> None:
-        evaluators.check_positive(settings, where, ("num_samples",))
+    def check_settings(cls, config: Any, path: str) -> None:
+        config_checks.check_positive(config, (f"{path}.num_samples",))
 
     def run(self, params: Any, step: int) -> dict[str, Any]:
         directory = self.samples.draw(params, step)
