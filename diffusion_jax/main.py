@@ -49,12 +49,14 @@ def run(mode: str, config, workdir: str) -> None:
         config_checks.check_distill(config, mode)
         loop.train(config, workdir)
         if jax.process_index() == 0:
+            from diffusion_jax.sampling import registry
+
             base = f"python -m diffusion_jax.main --config {config_path()} --workdir {workdir}"
-            solver = (
-                ""  # a student samples with its own steps
-                if mode == "distill"
-                else " --config.sampling.method=dpm_solver++ --config.sampling.num_steps=20"
-            )
+            # a student samples with its own steps; a config sampling with the full chain
+            # is shown a 20-step solver
+            slow = mode != "distill" and registry.build(config).nfe > 100
+            solver = " --config.sampling.method=dpm_solver++ --config.sampling.num_steps=20"
+            solver = solver if slow else ""
             print(
                 f"Next:\n  {base} --mode eval --config.eval.once=True\n"
                 f"  {base} --mode sample{solver}",

@@ -66,3 +66,26 @@ def test_only_the_cpu_is_left_when_nothing_else_can_run(platform_choice, monkeyp
     monkeypatch.setattr(platforms, "_gpu_plugins", lambda: [])
     platforms.skip_tpu_off_tpu_vms()
     assert jax.config.jax_platforms == ("cpu" if importlib.util.find_spec("libtpu") else None)
+
+
+def test_every_command_skips_the_probe_before_starting_jax():
+    """Each command-line module (one with a `main`) tells JAX the platforms before its first
+    device, directly or through `distributed.maybe_initialize_distributed`; only the
+    TPU compiler (`tools/aot.py`) and the dataset preparation (no JAX device) are exempt."""
+    import ast
+
+    exempt = {"tools/aot.py", "input_pipeline/prepare.py"}
+    package = REPO / "diffusion_jax"
+    checked = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        tree = ast.parse(path.read_text())
+        mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        if rel in exempt or not mains:
+            continue
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        assert names & {"skip_tpu_off_tpu_vms", "maybe_initialize_distributed"}, rel
+        checked.append(rel)
+    assert {"main.py", "tools/benchmark/sampler_quality.py", "tools/convert/cli.py"} <= set(
+        checked
+    ), checked

@@ -558,11 +558,6 @@ BAD_SETTINGS = [
         r"unipc_variant='bh3' is not supported; allowed: bh2, bh1",
     ),
     (
-        dict(method="heun", num_steps=9, denoise_to_zero=True),
-        r"denoise_to_zero applies to dpm_solver\+\+, sde_dpm_solver\+\+, dpm_solver, unipc; "
-        r"method 'heun' always ends at sigma = 0",
-    ),
-    (
         dict(method="ancestral", num_steps=50, respacing="100"),
         r"num_steps=50 and sampling.respacing='100' both choose the chain",
     ),
@@ -590,6 +585,12 @@ def test_settings_checks_pass_and_name_the_model_output():
     for method in registry.METHODS:
         registry.validate(sampler_config(method=method, num_steps=10).sampling, T, "eps")
     registry.validate(sampler_config().sampling, T)  # today's defaults: ancestral, full chain
+    # denoise_to_zero is satisfied by the samplers that always end at sigma = 0: a config whose
+    # default solver sets it switches to them with one flag, and their grids are unchanged
+    for method in ("ancestral", "ddim", "heun"):
+        plain = registry.build(sampler_config(method=method, num_steps=10))
+        to_zero = registry.build(sampler_config(method=method, num_steps=10, denoise_to_zero=True))
+        np.testing.assert_array_equal(plain.rows["t_model"], to_zero.rows["t_model"])
     with pytest.raises(ConfigError, match=r"model_output='xprev' has no ODE form.*eps, x0, v"):
         registry.validate(sampler_config(method="heun", num_steps=5).sampling, T, "xprev")
 

@@ -25,7 +25,7 @@ from etils import epath
 
 from diffusion_jax.evaluation import base, sample_job
 from diffusion_jax.metrics.dataset_quality import HEADLINE, score, summary
-from diffusion_jax.runtime import errors, logs
+from diffusion_jax.runtime import errors, logs, platforms
 from diffusion_jax.training import config_checks
 
 __all__ = ["HEADLINE", "SampleQuality", "score", "summary"]
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_samples", type=int, default=0, help="score the first N (0 = all)")
     p.add_argument("--debug", action="store_true", help="show the traceback of input errors")
     args = p.parse_args(argv)
+    platforms.skip_tpu_off_tpu_vms()
     directory = epath.Path(args.directory)
     with errors.reported(args.debug):
         shards = sorted(directory.glob("shard_*.npz"))

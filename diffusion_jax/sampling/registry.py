@@ -104,9 +104,10 @@ def validate(sampling: Any, num_timesteps: int, model_output: str | None = None)
     the allowed ones for an unknown method, spacing or variant, num_steps < 0 or > T (0 = not
     given; the time-grid samplers need >= 1), an order the method lacks, num_steps > 0 together
     with a `respacing` string (chain samplers: set one of them), a respacing string with a
-    time-grid sampler (they take num_steps), a DDIM step count no stride gives,
-    denoise_to_zero with a sampler that always ends at sigma = 0 (the chain, heun), and (when
-    given) a model output without a form at arbitrary times (xprev) for a time-grid sampler."""
+    time-grid sampler (they take num_steps), a DDIM step count no stride gives, and (when
+    given) a model output without a form at arbitrary times (xprev) for a time-grid sampler.
+    `denoise_to_zero` is accepted by every method: the chain and heun always end at sigma = 0,
+    so a config whose default sampler sets it can switch to them with one flag."""
     method = sampling.get("method", "ancestral")
     check_choice("sampling.method", method, METHODS)
     respacing = sampling.get("respacing", "")
@@ -141,12 +142,6 @@ def validate(sampling: Any, num_timesteps: int, model_output: str | None = None)
     if not m.chain and num_steps < 1:
         raise ConfigError(
             f"sampling.num_steps={num_steps!r}: method {name!r} needs num_steps in [1, {T}]"
-        )
-    if sampling.get("denoise_to_zero", False) and not m.denoise_to_zero:
-        raise ConfigError(
-            f"sampling.denoise_to_zero applies to "
-            f"{_allowed(k for k, v in METHODS.items() if v.denoise_to_zero)}; "
-            f"method {name!r} always ends at sigma = 0"
         )
     if not m.chain and model_output is not None and model_output not in ODE_MODEL_OUTPUTS:
         raise ConfigError(

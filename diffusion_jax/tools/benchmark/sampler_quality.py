@@ -25,7 +25,7 @@ import numpy as np
 
 from diffusion_jax import input_pipeline
 from diffusion_jax.evaluation import quality
-from diffusion_jax.runtime import distributed, errors, streams
+from diffusion_jax.runtime import distributed, errors, platforms, streams
 from diffusion_jax.sampling import generation, registry
 from diffusion_jax.training import checkpoint, config_checks
 from diffusion_jax.training import state as state_lib
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="")
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors")
     args = p.parse_args(argv)
+    platforms.skip_tpu_off_tpu_vms()
     with errors.reported(args.debug):
         config = checkpoint.read_config(args.workdir)
         if config is None:

@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from diffusion_jax.runtime import errors
+from diffusion_jax.runtime import errors, platforms
 from diffusion_jax.tools.convert import from_diffusers, from_tf, imported, mapping
 
 # ---------------------------------------------------------------------------------------
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --out DIR (imported weights) and/or --workdir DIR --config FILE")
     if args.workdir and not args.config:
         p.error("--workdir needs --config (e.g. configs/cifar10.py)")
+    platforms.skip_tpu_off_tpu_vms()
     with errors.reported(args.debug):
         _convert(args)
 
