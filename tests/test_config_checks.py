@@ -31,7 +31,12 @@ def refused(c, mode="train"):
     return str(info.value)
 
 
-XPREV = dict(diffusion__model_output="xprev", eval__evaluators=("samples",))
+XPREV = dict(  # on the paper's chain (the digits config samples with a solver)
+    diffusion__model_output="xprev",
+    eval__evaluators=("samples",),
+    sampling__method="ancestral",
+    sampling__num_steps=0,
+)
 
 
 @pytest.mark.parametrize(
@@ -45,7 +50,7 @@ XPREV = dict(diffusion__model_output="xprev", eval__evaluators=("samples",))
     ],
 )
 def test_xprev_on_a_respaced_chain_is_refused(mode, overrides, field):
-    message = refused(config(**XPREV, **overrides), mode)
+    message = refused(config(**{**XPREV, **overrides}), mode)
     assert message.startswith("diffusion.model_output='xprev' predicts one step of the full 1000")
     assert field in message and "train an eps, x0 or v model" in message
 
@@ -57,7 +62,8 @@ def test_xprev_on_the_full_chain_is_allowed():
     # Previews are not drawn (sample_every = 0): their respacing does not matter.
     c = config(**XPREV, training__sample_every=0)
     config_checks.validate_config(c, "train", num_devices=1)
-    config_checks.validate_config(config(sampling__respacing="50"), "sample", num_devices=1)
+    chain = dict(sampling__method="ancestral", sampling__num_steps=0, sampling__respacing="50")
+    config_checks.validate_config(config(**chain), "sample", num_devices=1)
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ def tiny_config():
     c.training.final_samples = 0
     c.training.keep = 3
     c.training.keep_every = 0
+    c.sampling.update(method="ancestral", num_steps=0, spacing="", denoise_to_zero=False)
     c.sampling.batch_size = 16
     c.sampling.num_samples = 40
     for name in ("bpd", "ode_bpd"):
