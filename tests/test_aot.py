@@ -64,6 +64,9 @@ def _config(batch: int, config=None):
     config.training.batch_size = config.sampling.batch_size = batch
     for name in ("bpd", "ode_bpd", "fid"):
         config.evals[name].batch_size = batch
+    # the replicated train state, whose collectives and bytes do not depend on the device
+    # count; ZeRO-1 has its own tests below
+    config.training.shard_optimizer = False
     return config
 
 
@@ -174,6 +177,31 @@ def test_the_preview_row_counts_the_train_state_resident_while_it_runs(devices, 
     assert row["resident_bytes"] == resident
     assert row["peak_bytes"] == own + resident
     assert not row["fits"]  # the sampler alone (own) would fit
+
+    # ZeRO-1: the argument is a gathered copy of the EMA, and the split state stays resident
+    config.training.shard_optimizer = True
+    (split,) = aot.build_programs(config, cpu, ("preview",))
+    placed = state_lib.abstract_train_state(config, cpu.mesh(), training=True)[2]
+    assert split.resident == aot.device_bytes(placed) < resident
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_zero1_on_a_v3_8_splits_the_state_and_gathers_the_parameters():
+    """The train step compiled by the TPU compiler with the Adam moments and the EMA split
+    over 8 devices: the same FLOPs, fewer argument bytes per device than replicated, and the
+    updated parameters all-gathered (the gradients are still all-reduced: the compiler does
+    not turn the all-reduce and the slice after it into a reduce-scatter)."""
+    rows = {}
+    for split in (False, True):
+        config = _config(16)
+        config.model.ch, config.model.num_groups = 16, 4  # every big axis divisible by 8
+        config.training.shard_optimizer = split
+        (rows[split],) = aot.run(config, "v3:2x2", ("train",), log=lambda _: None)
+    assert rows[True]["flops"] == pytest.approx(rows[False]["flops"], rel=0.05)
+    assert rows[True]["argument_bytes"] < 0.6 * rows[False]["argument_bytes"]
+    assert rows[False]["collectives"]["ops"] == {"all-reduce": 1}
+    assert rows[True]["collectives"]["ops"].get("all-gather", 0) > 0
 
 
 def test_no_preview_without_previews(devices):

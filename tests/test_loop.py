@@ -30,7 +30,7 @@ def run_steps(config, mesh, num_steps):
     apply = generation.model_apply(graphdef, rest)
     diffusion = process.from_config(config.diffusion)
     fn = train_step.compile_train_fn(config, apply, diffusion, tx, mesh)
-    state = jax.device_put(state, distributed.replicated(mesh))
+    state = jax.device_put(state, state_lib.state_shardings(config, mesh))
     data = input_pipeline.create_train_iterator(config)
     for _ in range(num_steps):
         batch = jax.tree.map(lambda x: x[None], next(data))
@@ -50,6 +50,53 @@ def test_sharded_step_equals_single_device_step(devices):
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
 
 
+def test_zero1_trajectory_equals_replicated_and_splits_the_state(devices):
+    """ZeRO-1 (`training.shard_optimizer`) on 8 devices: after 3 steps the loss, parameters,
+    EMA and Adam moments equal the replicated run's to float32 rounding (the gradient sum is a
+    reduce-scatter instead of an all-reduce), and each device holds 1/8 of every moment and
+    EMA array whose largest axis 8 divides."""
+    mesh = distributed.make_mesh(devices)
+    split, m_split = run_steps(tiny_mlp_config(training__shard_optimizer=True), mesh, 3)
+    repl, m_repl = run_steps(tiny_mlp_config(training__shard_optimizer=False), mesh, 3)
+    np.testing.assert_allclose(m_split["loss"], m_repl["loss"], rtol=1e-6)
+    for name in ("params", "ema_params", "opt_state", "loss_history"):
+        tree_allclose(getattr(split, name), getattr(repl, name), atol=1e-6)
+
+    config = tiny_mlp_config(training__shard_optimizer=True)
+    shardings = state_lib.state_shardings(config, mesh)
+    state = jax.device_put(state_lib.init_train_state(config)[2], shardings)
+    leaves = jax.tree.leaves(state.opt_state) + jax.tree.leaves(state.ema_params)
+    big = [x for x in leaves if x.ndim and max(x.shape) % 8 == 0]
+    assert big and len(big) > len(leaves) // 2, [x.shape for x in leaves]
+    for x in big:
+        assert x.addressable_shards[0].data.size * 8 == x.size, (x.shape, x.sharding)
+    for x in jax.tree.leaves(state.params):
+        assert x.sharding.is_fully_replicated
+
+
+def test_zero1_checkpoints_move_between_device_counts(devices, tmp_path):
+    """A checkpoint written with the state split over 8 devices restores on one device; one
+    written replicated (an older run) resumes into the split state and continues as a run
+    that was split from the start (to float32 rounding). The split run draws its previews
+    and final samples from the gathered EMA."""
+    config = tiny_mlp_config(training__checkpoint_every=3, training__num_train_steps=6)
+    previews = config.copy_and_resolve_references()
+    previews.training.update(sample_every=3, final_samples=16)
+    loop.train(previews, str(tmp_path / "split"))
+    assert (tmp_path / "split" / "samples" / "final.png").exists()
+    written = restore_state(config, tmp_path / "split", 6)  # single-device arrays
+    assert all(len(x.devices()) == 1 for x in jax.tree.leaves(written))
+
+    old = tiny_mlp_config(
+        training__checkpoint_every=3, training__num_train_steps=3, training__shard_optimizer=False
+    )
+    loop.train(old, str(tmp_path / "mixed"))
+    loop.train(config, str(tmp_path / "mixed"))  # resumes at step 3, split
+    resumed = restore_state(config, tmp_path / "mixed", 6)
+    assert int(resumed.step) == 6
+    tree_allclose(written, resumed, atol=1e-6)
+
+
 def test_several_steps_per_call_equal_single_steps(devices):
     config = tiny_mlp_config()
     mesh = distributed.make_mesh(devices)
@@ -65,7 +112,7 @@ def test_several_steps_per_call_equal_single_steps(devices):
     data = input_pipeline.create_train_iterator(config)
     stacked = jax.tree.map(lambda *xs: np.stack(xs), next(data), next(data))
     state, _ = fn(
-        jax.device_put(state, distributed.replicated(mesh)),
+        jax.device_put(state, state_lib.state_shardings(config, mesh)),
         distributed.global_batch(stacked, mesh, 1),
     )
     tree_allclose(jax.device_get(state.params), one_by_one.params, atol=1e-6)

@@ -173,6 +173,21 @@ def batch_sharded(mesh: Mesh, leading_axes: int = 0) -> Sharding:
     return _single(mesh) or NamedSharding(mesh, PartitionSpec(*([None] * leading_axes), "data"))
 
 
+def split_over_data(mesh: Mesh, shape: tuple[int, ...]) -> Sharding:
+    """ZeRO-1 placement of one array of `shape` (Rajbhandari et al. 2020, stage 1): its largest
+    axis that the 'data' axis divides is split over it, so each device holds 1/N of it; an
+    array without such an axis (a scalar, a bias of odd length) is replicated."""
+    n = mesh.shape["data"]
+    if mesh.size == 1 or n == 1:
+        return replicated(mesh)
+    axes = sorted((i for i, d in enumerate(shape) if d % n == 0), key=lambda i: -shape[i])
+    if not axes:
+        return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[axes[0]] = "data"
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
 def global_batch(local: dict, mesh: Mesh, leading_axes: int = 0) -> dict:
     """Assembles each host's local arrays into global arrays sharded over the mesh."""
     sharding = batch_sharded(mesh, leading_axes)

@@ -184,13 +184,16 @@ def build_programs(
     `sampling.preview_num` samples from the EMA parameters. The run keeps its whole train
     state on the devices meanwhile: the parameters, the Adam moments, the loss history, and
     a distillation's teacher (`state.DistillState`: five parameter-sized copies with the
-    EMA). Its `resident` bytes are those of the train state per device (`device_bytes`)
-    less the EMA parameters, which are its argument and counted as such: the row's peak is
-    the sampler's own plus that state."""
+    EMA). Its `resident` bytes are those of the train state per device (`device_bytes`, as
+    the train step places it) less the EMA parameters when they are replicated, which are
+    then its argument and counted as such (under ZeRO-1 the argument is a gathered copy and
+    the split EMA stays): the row's peak is the sampler's own plus that state."""
     mesh = topo.mesh()
     repl = distributed.replicated(mesh)
     sharded = distributed.batch_sharded(mesh)
-    graphdef, rest, state = state_lib.abstract_train_state(config, mesh)
+    graphdef, rest, state = state_lib.abstract_train_state(config, mesh, training=True)
+    ema = state_lib.abstract_train_state(config, mesh)[2].ema_params  # the samplers' argument
+    sharded_ema = not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.ema_params))
     apply = generation.model_apply(graphdef, rest)
     data_shape = input_pipeline.data_shape(config)
     key = _abstract((2,), np.uint32, repl)
@@ -211,20 +214,21 @@ def build_programs(
         step = min(_round_up(config.training.sample_every, per_call), task.total_steps)
         fn = tasks.preview_sampler(task, apply, mesh, step)
         b = int(config.sampling.preview_num)
-        args = (state.ema_params, key, _abstract((b,), np.int32, sharded))
-        resident = device_bytes(state) - device_bytes(state.ema_params)
+        args = (ema, key, _abstract((b,), np.int32, sharded))
+        # under ZeRO-1 the argument is a gathered copy of the split EMA, which stays
+        resident = device_bytes(state) - (0 if sharded_ema else device_bytes(ema))
         programs.append(Program("preview", fn, args, b, "samples", mesh, resident))
     if "sample" in names:
         b = int(config.sampling.batch_size)
         fn = generation.make_sampler(config, apply, mesh, b, config.sampling.respacing)
         labels = _abstract((b,), np.int32, sharded)
-        programs.append(Program("sample", fn, (state.ema_params, key, labels), b, "samples", mesh))
+        programs.append(Program("sample", fn, (ema, key, labels), b, "samples", mesh))
     from diffusion_jax.evaluation import bpd, evaluators, ode_bpd
 
     def eval_args(batch: int) -> tuple[Any, ...]:
         b = _round_up(batch, mesh.size)
         return (
-            state.ema_params,
+            ema,
             _abstract((b, *data_shape), np.uint8 if image else np.float32, sharded),
             _abstract((b,), np.int32, sharded),
             _abstract((b,), np.float32, sharded),

@@ -140,9 +140,11 @@ def distill_step(
     apply: Callable[..., jax.Array],
     tx: optax.GradientTransformation,
     rounds: Plan,
+    shardings: state_lib.TrainState | None = None,
 ) -> tuple[state_lib.DistillState, dict[str, jax.Array]]:
     """One update of the round that `state.step` lies in, on {'image': [B, H, W, C], 'label'}.
-    At a round's first update the EMA becomes student and teacher, and Adam restarts."""
+    At a round's first update the EMA becomes student and teacher, and Adam restarts.
+    `shardings` place the update (`train_step.apply_gradients`)."""
     table = {k: jnp.asarray(v, jnp.float32) for k, v in time_table(config).items()}
     per_round = rounds.steps_per_round
     r = state.step // per_round
@@ -182,7 +184,9 @@ def distill_step(
         return jnp.mean(weight * mse)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    new_state = train_step.apply_gradients(state, grads, loss, tx, config.training.ema_decay)
+    new_state = train_step.apply_gradients(
+        state, grads, loss, tx, config.training.ema_decay, shardings
+    )
     lr = state_lib.learning_rate_schedule(config)(state.step % per_round)  # Adam's count
     metrics = {
         "loss": loss,
@@ -203,8 +207,11 @@ def compile_distill_fn(
 ):
     """The jitted `(state, batches [K, B, ...]) -> (state, metrics)` (`train_step.compile_
     steps`), state donated."""
-    step_fn = functools.partial(distill_step, config=config, apply=apply, tx=tx, rounds=rounds)
-    return train_step.compile_steps(step_fn, mesh)
+    shardings = state_lib.state_shardings(config, mesh)
+    step_fn = functools.partial(
+        distill_step, config=config, apply=apply, tx=tx, rounds=rounds, shardings=shardings
+    )
+    return train_step.compile_steps(step_fn, mesh, shardings)
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

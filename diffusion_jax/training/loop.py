@@ -114,8 +114,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
 
     graphdef, rest, state, tx = state_lib.init_train_state(config)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    repl = distributed.replicated(mesh)
-    state = jax.device_put(state, repl)
+    shardings = state_lib.state_shardings(config, mesh)
+    state = jax.device_put(state, shardings)
     # Checkpoints at the task's boundaries (a distillation's rounds) are written and kept.
     keep_every = task.boundary or config.training.keep_every
     mngr = checkpoint.manager(workdir / "checkpoints", config.training.keep, keep_every)
@@ -123,7 +123,7 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
     if latest is not None:
         print(f"Resumed from {workdir / 'checkpoints'} at step {latest}.", flush=True)
     else:
-        state = task.first_state(state, tx, mesh)
+        state = jax.device_put(task.first_state(state, tx, mesh), shardings)
     start_step = int(state.step)
     last_good = latest
     pending, last_complete = None, latest  # the save being written, the newest complete one
@@ -195,7 +195,8 @@ def _train(config, workdir, preemption: _Preemption) -> state_lib.TrainState:
         if config.training.sample_every and (
             crossed(before, step, config.training.sample_every) or step == total
         ):
-            _write_preview(config, preview(step), state, step, workdir, writer, is_chief)
+            ema = jax.device_put(state.ema_params, distributed.replicated(mesh))  # gathered
+            _write_preview(config, preview(step), ema, step, workdir, writer, is_chief)
         if (
             crossed(before, step, config.training.checkpoint_every)
             or crossed(before, step, task.boundary)
@@ -240,7 +241,8 @@ def _final_report(config, apply, mesh, state, workdir: epath.Path) -> None:
     nfe = registry.build(config).nfe
     logs.log(f"Drawing {num} final samples ({config.sampling.method}, {nfe} NFE each) ...")
     labels = generation.default_labels(config, num)
-    out = draw(state.ema_params, streams.key(config.seed, streams.Stream.FINAL), labels)
+    ema = jax.device_put(state.ema_params, distributed.replicated(mesh))  # ZeRO-1: gathered
+    out = draw(ema, streams.key(config.seed, streams.Stream.FINAL), labels)
     samples = np.asarray(multihost_utils.process_allgather(out["sample"], tiled=True))
     if not logs.is_chief():
         return
@@ -269,13 +271,12 @@ def _check_finite(state: state_lib.TrainState, workdir: epath.Path, last_good: i
         )
 
 
-def _write_preview(config, preview, state, step, workdir, writer, is_chief) -> None:
+def _write_preview(config, preview, ema, step, workdir, writer, is_chief) -> None:
+    """Samples of `preview` from the (replicated) EMA parameters `ema` -> a PNG and TensorBoard."""
     key = streams.key(config.seed, streams.Stream.PREVIEW, step)
     labels = generation.default_labels(config, config.sampling.preview_num)
     samples = np.asarray(
-        multihost_utils.process_allgather(
-            preview(state.ema_params, key, labels)["sample"], tiled=True
-        )
+        multihost_utils.process_allgather(preview(ema, key, labels)["sample"], tiled=True)
     )
     if not is_chief:
         return

@@ -95,11 +95,32 @@ def init_train_state(
     return graphdef, rest, state, tx
 
 
+def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+    """Where each leaf of `config`'s train state lives on `mesh` (a TrainState of
+    shardings): the parameters (and a distillation's teacher) replicated, for the forward and
+    backward passes; with `training.shard_optimizer` (ZeRO-1) the Adam moments and the EMA
+    split over the data axis (`distributed.split_over_data`), so each device reads, updates and
+    stores 1/N of them. The step then reduce-scatters the gradients and all-gathers the
+    updated parameters (`train_step.apply_gradients`)."""
+    shapes = jax.eval_shape(lambda: init_train_state(config)[2])
+    repl = distributed.replicated(mesh)
+    out = jax.tree.map(lambda _: repl, shapes)
+    if not config.training.get("shard_optimizer", False):
+        return out
+    split = lambda x: distributed.split_over_data(mesh, x.shape)
+    return out.replace(
+        ema_params=jax.tree.map(split, shapes.ema_params),
+        opt_state=jax.tree.map(split, shapes.opt_state),
+    )
+
+
 def abstract_train_state(
-    config: ml_collections.ConfigDict, mesh: Mesh
+    config: ml_collections.ConfigDict, mesh: Mesh, training: bool = False
 ) -> tuple[nnx.GraphDef, nnx.State, TrainState]:
-    """(graphdef, non-parameter state, TrainState of ShapeDtypeStructs replicated over
-    `mesh`) without initialising any parameter (shapes only)."""
+    """(graphdef, non-parameter state, TrainState of ShapeDtypeStructs on `mesh`) without
+    initialising any parameter (shapes only): placed for the train step (`state_shardings`)
+    when `training`, else replicated, as the samplers and evaluators take the EMA parameters
+    (a checkpoint restores into either)."""
     graphdef, _, rest = nnx.split(abstract_model(config), nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise errors.ConfigError(
@@ -107,5 +128,9 @@ def abstract_train_state(
         )
     shapes = jax.eval_shape(lambda: init_train_state(config)[2])
     repl = distributed.replicated(mesh)
-    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+    state = jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        shapes,
+        state_shardings(config, mesh) if training else jax.tree.map(lambda _: repl, shapes),
+    )
     return graphdef, rest, state

@@ -1,8 +1,10 @@
 """The pure train step, jit-compiled over a device mesh: shared by the training loop
 (`train.py`), the TPU compile check (`aot.py`) and the benchmark.
 
-The batch is sharded over the mesh's 'data' axis; parameters, their EMA, the optimiser
-state and the timestep sampler's loss history are replicated. The old state is donated.
+The batch is sharded over the mesh's 'data' axis; the parameters and the timestep sampler's
+loss history are replicated; the Adam moments and the EMA are split over the data axis
+(ZeRO-1, `state.state_shardings`), or replicated with `training.shard_optimizer=False`. The
+old state is donated.
 Dropout, timestep and noise keys derive from the step number (`streams.Stream.TRAIN`), so a
 resumed run continues exactly as an uninterrupted one would.
 """
@@ -31,8 +33,10 @@ def train_step(
     apply: Callable[..., jax.Array],
     diffusion: NoiseProcess,
     tx: optax.GradientTransformation,
+    shardings: state_lib.TrainState | None = None,
 ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
-    """One optimisation step on a global batch {'image': [B, H, W, C], 'label': [B]}."""
+    """One optimisation step on a global batch {'image': [B, H, W, C], 'label': [B]};
+    `shardings` (`state.state_shardings`) place the update (`apply_gradients`)."""
     x_start = batch["image"]
     key = streams.key(config.seed, streams.Stream.TRAIN, state.step)
     key_t, key_noise, key_dropout, key_label = jax.random.split(key, 4)
@@ -63,7 +67,7 @@ def train_step(
     if history is not None:  # IDDPM importance sampling follows the bound terms L_t
         tracked = terms["vb"] if config.diffusion.loss_type != "mse" else terms["loss"]
         history = timestep_sampler.update_loss_history(history, t, tracked)
-    new_state = apply_gradients(state, grads, loss, tx, config.training.ema_decay)
+    new_state = apply_gradients(state, grads, loss, tx, config.training.ema_decay, shardings)
     new_state = new_state.replace(loss_history=history)
     metrics = {
         "loss": loss,
@@ -75,13 +79,31 @@ def train_step(
     return new_state, metrics
 
 
-def apply_gradients(state, grads, loss: jax.Array, tx: optax.GradientTransformation, ema_decay):
+def apply_gradients(
+    state,
+    grads,
+    loss: jax.Array,
+    tx: optax.GradientTransformation,
+    ema_decay,
+    shardings: state_lib.TrainState | None = None,
+):
     """`state` (a TrainState or a subclass) one update on: step + 1, the optimiser's update of
     the parameters, their EMA (decay * ema + (1 - decay) * params), and the first step whose
-    loss was not finite."""
+    loss was not finite.
+
+    With `shardings` (inside a jit over a mesh) the gradients are placed as the EMA is (split
+    over the data axis under ZeRO-1: XLA sums them with a reduce-scatter), the optimiser
+    updates each device's part, and the new parameters are placed as the old ones (an
+    all-gather of the parts)."""
+    if shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, shardings.ema_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if shardings is not None:
+        updates = jax.lax.with_sharding_constraint(updates, shardings.ema_params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    if shardings is not None:
+        params = jax.lax.with_sharding_constraint(params, shardings.params)
     bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
     return state.replace(
         step=state.step + 1,
@@ -106,18 +128,22 @@ def multi_step(step_fn, state: state_lib.TrainState, batches: dict[str, jax.Arra
 
 def compile_train_fn(config, apply, diffusion, tx, mesh):
     """The jitted `(state, batches [K, B, ...]) -> (state, metrics)`, state donated."""
-    step_fn = functools.partial(train_step, config=config, apply=apply, diffusion=diffusion, tx=tx)
-    return compile_steps(step_fn, mesh)
+    shardings = state_lib.state_shardings(config, mesh)
+    step_fn = functools.partial(
+        train_step, config=config, apply=apply, diffusion=diffusion, tx=tx, shardings=shardings
+    )
+    return compile_steps(step_fn, mesh, shardings)
 
 
-def compile_steps(step_fn, mesh):
+def compile_steps(step_fn, mesh, shardings: state_lib.TrainState):
     """`multi_step` of `step_fn(state, batch) -> (state, metrics)` jitted over `mesh`: the
-    state replicated and donated, the batches [K, B, ...] sharded over B."""
+    state placed as `shardings` say (`state.state_shardings`) and donated, the batches
+    [K, B, ...] sharded over B."""
     repl = distributed.replicated(mesh)
     return jax.jit(
         functools.partial(multi_step, step_fn),
-        in_shardings=(repl, distributed.batch_sharded(mesh, 1)),
-        out_shardings=(repl, repl),
+        in_shardings=(shardings, distributed.batch_sharded(mesh, 1)),
+        out_shardings=(shardings, repl),
         donate_argnums=(0,),
         compiler_options=distributed.compiler_options(mesh),
     )

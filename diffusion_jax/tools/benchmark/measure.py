@@ -136,13 +136,13 @@ class Benchmark:
         if self._state is None or any(x.is_deleted() for x in jax.tree.leaves(self._state)):
             start = time.perf_counter()
             cfg = self.config_for("float32")
-            repl = distributed.replicated(self.mesh)
+            placed = state_lib.state_shardings(cfg, self.mesh)  # as the train step takes it
             self._tx = state_lib.make_optimizer(cfg)
             if self.opts.init == "model":
-                state = jax.jit(lambda: state_lib.init_train_state(cfg)[2], out_shardings=repl)()
+                state = jax.jit(lambda: state_lib.init_train_state(cfg)[2], out_shardings=placed)()
             elif self.opts.init == "host":
                 abstract = jax.eval_shape(lambda: state_lib.init_train_state(cfg)[2])
-                state = jax.device_put(host_state(abstract, cfg.seed), repl)
+                state = jax.device_put(host_state(abstract, cfg.seed), placed)
             else:
                 raise ValueError(f"init={self.opts.init!r}; allowed: model, host")
             self._state = jax.block_until_ready(state)
