@@ -100,8 +100,8 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState
     shardings): the parameters (and a distillation's teacher) replicated, for the forward and
     backward passes; with `training.shard_optimizer` (ZeRO-1) the Adam moments and the EMA
     split over the data axis (`distributed.split_over_data`), so each device reads, updates and
-    stores 1/N of them. The step then reduce-scatters the gradients and all-gathers the
-    updated parameters (`train_step.apply_gradients`)."""
+    stores 1/N of them. The step sums the gradients, keeps each device's part for the update
+    and all-gathers the new parameters (`train_step.apply_gradients`)."""
     shapes = jax.eval_shape(lambda: init_train_state(config)[2])
     repl = distributed.replicated(mesh)
     out = jax.tree.map(lambda _: repl, shapes)

@@ -92,9 +92,9 @@ def apply_gradients(
     loss was not finite.
 
     With `shardings` (inside a jit over a mesh) the gradients are placed as the EMA is (split
-    over the data axis under ZeRO-1: XLA sums them with a reduce-scatter), the optimiser
-    updates each device's part, and the new parameters are placed as the old ones (an
-    all-gather of the parts)."""
+    over the data axis under ZeRO-1; the TPU compiler all-reduces them and keeps each device's
+    part, BENCHMARKS.md), the optimiser updates each device's part, and the new parameters are
+    placed as the old ones (an all-gather of the parts)."""
     if shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, shardings.ema_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
