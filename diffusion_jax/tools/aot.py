@@ -2,21 +2,19 @@
 says of them: `python -m diffusion_jax.tools.aot --config configs/cifar10.py --topology v3-8`.
 
 libtpu (`pip install -e ".[tpu]"`) compiles ahead of time for a named topology on a machine
-without TPUs (`jax.experimental.topologies`, as MaxText's `train_compile`). The programs are
-built by the functions a run calls, over a mesh of the topology's devices, from abstract
-inputs (ShapeDtypeStructs): nothing is allocated and no parameter is initialised.
+without TPUs (`jax.experimental.topologies`, as MaxText's `train_compile`), the programs a
+run calls over a mesh of its devices from ShapeDtypeStructs: nothing is allocated.
 
 - 'train': `train_step.compile_train_fn` at `training.batch_size` and `training.steps_per_call`
   (for a distillation config, `distill.compile_distill_fn`: the step of `--mode distill`);
-- 'preview': the training previews' sampler (`tasks.preview_sampler`) at
-  `sampling.preview_num`, counting the train state that stays on the devices while it runs
-  (`build_programs`), so that its `fits` means it fits during training; only when
-  `training.sample_every` > 0 (a run draws no previews otherwise);
+- 'preview': the previews' sampler (`tasks.preview_sampler`) at `sampling.preview_num`, with
+  the train state that stays on the devices (`build_programs`): its `fits` means it fits
+  during training; only when `training.sample_every` > 0;
 - 'sample': `generation.make_sampler` at `sampling.batch_size` (the whole chain or solver);
 - 'bpd', 'ode_bpd': the evaluation's likelihood programs with the settings of the config's
   first evaluator of that type (`evaluators.settings_of_type`: batch, precision, solver);
-- 'inception': the FID Inception forward at the 'fid' evaluator's `batch_size` (image data
-  only), on one host's devices as the evaluation job runs it.
+- 'inception': the FID Inception forward at the 'fid' evaluator's `batch_size` (image data),
+  on one host's devices as the evaluation job runs it.
 
 Per program and per device: argument, temporary, output and code bytes (`memory_analysis`)
 and the bytes resident beside the program (the preview's train state) against the chip's
@@ -184,16 +182,15 @@ def build_programs(
     `sampling.preview_num` samples from the EMA parameters. The run keeps its whole train
     state on the devices meanwhile: the parameters, the Adam moments, the loss history, and
     a distillation's teacher (`state.DistillState`: five parameter-sized copies with the
-    EMA). Its `resident` bytes are those of the train state per device (`device_bytes`, as
-    the train step places it) less the EMA parameters when they are replicated, which are
-    then its argument and counted as such (under ZeRO-1 the argument is a gathered copy and
-    the split EMA stays): the row's peak is the sampler's own plus that state."""
+    EMA). Its `resident` bytes are the train state's per device as the step places it
+    (`device_bytes`) less a replicated EMA, its argument (a split one stays; the argument is
+    then a gathered copy): the row's peak is the sampler's own plus that state."""
     mesh = topo.mesh()
     repl = distributed.replicated(mesh)
     sharded = distributed.batch_sharded(mesh)
     graphdef, rest, state = state_lib.abstract_train_state(config, mesh, training=True)
     ema = state_lib.abstract_train_state(config, mesh)[2].ema_params  # the samplers' argument
-    sharded_ema = not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.ema_params))
+    split = not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.ema_params))
     apply = generation.model_apply(graphdef, rest)
     data_shape = input_pipeline.data_shape(config)
     key = _abstract((2,), np.uint32, repl)
@@ -215,8 +212,7 @@ def build_programs(
         fn = tasks.preview_sampler(task, apply, mesh, step)
         b = int(config.sampling.preview_num)
         args = (ema, key, _abstract((b,), np.int32, sharded))
-        # under ZeRO-1 the argument is a gathered copy of the split EMA, which stays
-        resident = device_bytes(state) - (0 if sharded_ema else device_bytes(ema))
+        resident = device_bytes(state) - (0 if split else device_bytes(ema))
         programs.append(Program("preview", fn, args, b, "samples", mesh, resident))
     if "sample" in names:
         b = int(config.sampling.batch_size)
