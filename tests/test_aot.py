@@ -204,6 +204,20 @@ def test_zero1_on_a_v3_8_splits_the_state_and_gathers_the_parameters():
     assert rows[True]["collectives"]["ops"].get("all-gather", 0) > 0
 
 
+@needs_libtpu
+@pytest.mark.slow
+def test_bfloat16_model_all_reduces_float32_gradients():
+    """`model.dtype=bfloat16` on a v3-8: every gradient the TPU compiler all-reduces over
+    the devices is float32 (convolutions, dense layers, GroupNorm and the class embedding);
+    flax's own bfloat16 layers all-reduce bfloat16 gradients."""
+    config = _config(16)
+    config.model.ch, config.model.num_groups = 16, 4
+    config.model.num_classes = 3
+    config.model.dtype = "bfloat16"
+    (row,) = aot.run(config, "v3:2x2", ("train",), log=lambda _: None)
+    assert set(row["collectives"]["dtypes"]) == {"f32"}, row["collectives"]
+
+
 def test_no_preview_without_previews(devices):
     config = _preview_config(False)
     config.training.sample_every = 0

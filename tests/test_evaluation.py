@@ -214,6 +214,25 @@ def test_bpd_is_finite_and_above_the_entropy_bound(workdir):
     assert bpd.compute_bpd(bpd_fn, params, padded, mesh, jax.random.PRNGKey(0))["count"] == 12
 
 
+def test_likelihoods_run_a_float32_network_when_the_model_computes_in_bfloat16(workdir):
+    """With `model.dtype=bfloat16`, bits/dim at precision 'highest' equal the float32 run's
+    exactly (the evaluation job gives the likelihoods a float32 network); at 'default' they
+    run the bfloat16 network and differ."""
+    records = {}
+    for dtype, precision in (
+        ("float32", "highest"),
+        ("bfloat16", "highest"),
+        ("bfloat16", "default"),
+    ):
+        config = tiny_config()
+        config.model.dtype = dtype
+        config.evals.bpd.precision = precision
+        config.eval.evaluators = ("bpd",)
+        records[dtype, precision] = job.Job(config, workdir).evaluate(3)["bpd"]
+    assert records["bfloat16", "highest"] == records["float32", "highest"]
+    assert records["bfloat16", "default"] != records["float32", "highest"]
+
+
 def test_sample_mode_resumes_without_touching_finished_shards(workdir, capsys):
     config = tiny_config()  # 40 samples in shards of 16: 3 shards
     config.sampling.max_shards = 2

@@ -15,7 +15,7 @@ def mlp_config(var_type="fixed_large", **model):
     c.data.name = "swissroll"
     c.data.channels = 2
     c.diffusion.model_var_type = var_type
-    c.model.update(dict(name="mlp", hidden=32, depth=2, dropout=0.2))
+    c.model.update(dict(name="mlp", hidden=32, depth=2, dropout=0.2, dtype="float32"))
     c.model.update(model)
     return c
 

@@ -17,10 +17,12 @@ from diffusion_jax.models.unet import AttnBlock, ResnetBlock, _Layers, timestep_
 
 
 def tiny_config(**model):
+    """A small float32 U-Net (the base config's default is bfloat16; `dtype=` overrides)."""
     c = get_base_config()
     c.model.update(
         dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), num_groups=4)
     )
+    c.model.dtype = "float32"
     c.model.update(model)
     return c
 

@@ -81,12 +81,20 @@ class Job:
         mesh = distributed.make_mesh()
         graphdef, rest, self.abstract_state = state_lib.abstract_train_state(config, mesh)
         apply = generation.model_apply(graphdef, rest)
+        # Likelihoods at precision 'highest' run the network in float32 whatever
+        # `model.dtype`, so their value does not depend on the accelerator's bfloat16.
+        exact = apply
+        if config.model.dtype != "float32":
+            f32 = config.copy_and_resolve_references()
+            f32.model.dtype = "float32"
+            exact = generation.model_apply(*state_lib.abstract_train_state(f32, mesh)[:2])
         self.eval_dir = self.workdir / "eval"
         options = evaluator_options or {}
         self.evaluators = {}
         for name, instance in evaluators.instances(config).items():
             key = name if instance.own_samples else ""
-            context = base.Context(name, instance.config, self.workdir, mesh, apply, key)
+            fn = exact if instance.settings.get("precision") == "highest" else apply
+            context = base.Context(name, instance.config, self.workdir, mesh, fn, key)
             evaluator = instance.build(context, **options.get(name, {}))
             self.evaluators[name] = (instance.kind, evaluator)
         self.writer = logs.make_writer(self.eval_dir)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax.models import precision
 from diffusion_jax.models.unet import SUPPORTED_DTYPES, apply_dropout, timestep_embedding
 from diffusion_jax.runtime import errors
 
@@ -26,7 +27,8 @@ class MLPDenoiser(nnx.Module):
       depth: number of hidden layers (`config.model.depth`), each swish(Dense(h) + temb).
       num_classes: 0 = unconditional; otherwise num_classes + 1 embeddings (last = null).
       dropout: dropout rate on the hidden layers, active only with a dropout_key.
-      dtype: compute dtype "float32" | "bfloat16"; parameters stay float32.
+      dtype: compute dtype "float32" | "bfloat16" (`precision.affine`: float32 parameters
+        and gradient sums).
     """
 
     def __init__(
@@ -64,12 +66,12 @@ class MLPDenoiser(nnx.Module):
         self.compute_dtype = dt
 
         def dense(i: int, o: int) -> nnx.Linear:
-            return nnx.Linear(i, o, dtype=dt, param_dtype=jnp.float32, rngs=rngs)
+            return precision.Linear(i, o, dtype=dt, param_dtype=jnp.float32, rngs=rngs)
 
         self.temb_dense0 = dense(hidden, hidden)
         self.temb_dense1 = dense(hidden, hidden)
         self.class_embed = (
-            nnx.Embed(num_classes + 1, hidden, dtype=dt, param_dtype=jnp.float32, rngs=rngs)
+            nnx.Embed(num_classes + 1, hidden, param_dtype=jnp.float32, rngs=rngs)
             if num_classes > 0
             else None
         )
@@ -100,7 +102,7 @@ class MLPDenoiser(nnx.Module):
         if self.class_embed is not None:
             if y is None:
                 y = jnp.full((x.shape[0],), self.num_classes, dtype=jnp.int32)
-            temb = temb + self.class_embed(y)
+            temb = temb + self.class_embed(y).astype(dt)
         h = self.dense_in(x.astype(dt))
         for i, (layer, proj) in enumerate(zip(self.layers, self.temb_proj, strict=True)):
             h = jax.nn.silu(layer(h) + proj(jax.nn.silu(temb)))

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_jax.models import precision
 from diffusion_jax.runtime import errors
 
 SUPPORTED_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -204,7 +205,7 @@ class _Layers:
     def conv(
         self, cin: int, cout: int, *, k: int = 3, stride: int = 1, padding="SAME", scale=1.0
     ) -> nnx.Conv:
-        return nnx.Conv(
+        return precision.Conv(
             cin,
             cout,
             (k, k),
@@ -217,7 +218,7 @@ class _Layers:
         )
 
     def dense(self, cin: int, cout: int, *, scale: float = 1.0) -> nnx.Linear:
-        return nnx.Linear(
+        return precision.Linear(
             cin,
             cout,
             dtype=self.dtype,
@@ -227,11 +228,14 @@ class _Layers:
         )
 
     def norm(self, c: int) -> nnx.GroupNorm:
+        # statistics, scale and bias in float32 (flax computes the normalisation in float32 and
+        # casts its output to `dtype`), so the scale and bias gradients are float32 sums
         return nnx.GroupNorm(
             c,
             num_groups=self.num_groups,
             epsilon=self.eps,
             dtype=self.dtype,
+            promote_dtype=precision.keep_parameters_float32,
             param_dtype=jnp.float32,
             rngs=self.rngs,
         )
@@ -355,10 +359,11 @@ class UNet(nnx.Module):
         self.temb_dense0 = layers.dense(ch, temb_ch)
         self.temb_dense1 = layers.dense(temb_ch, temb_ch)
         if num_classes > 0:
+            # float32 lookup: its gradient (a scatter-add over the batch) sums in float32.
             self.class_embed = nnx.Embed(
                 num_classes + 1,
                 temb_ch,
-                dtype=self.compute_dtype,
+                dtype=jnp.float32,
                 param_dtype=jnp.float32,
                 rngs=keys,
             )
@@ -452,7 +457,7 @@ class UNet(nnx.Module):
         if self.class_embed is not None:
             if y is None:
                 y = jnp.full((x.shape[0],), self.num_classes, dtype=jnp.int32)
-            temb = temb + self.class_embed(y)
+            temb = temb + self.class_embed(y).astype(dt)
 
         block_index = itertools.count()
 

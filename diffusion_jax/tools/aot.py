@@ -1,9 +1,8 @@
 """Compile a config's programs for a TPU slice on any host, and report what the TPU compiler
 says of them: `python -m diffusion_jax.tools.aot --config configs/cifar10.py --topology v3-8`.
 
-libtpu (`pip install -e ".[tpu]"`) compiles ahead of time for a named topology on a machine
-without TPUs (`jax.experimental.topologies`, as MaxText's `train_compile`), the programs a
-run calls over a mesh of its devices from ShapeDtypeStructs: nothing is allocated.
+libtpu (`pip install -e ".[tpu]"`) compiles, on a machine without TPUs (`jax.experimental.
+topologies`, as MaxText's `train_compile`), the programs a run calls, from ShapeDtypeStructs.
 
 - 'train': `train_step.compile_train_fn` at `training.batch_size` and `training.steps_per_call`
   (for a distillation config, `distill.compile_distill_fn`: the step of `--mode distill`);
@@ -20,9 +19,9 @@ Per program and per device: argument, temporary, output and code bytes (`memory_
 and the bytes resident beside the program (the preview's train state) against the chip's
 HBM, FLOPs and bytes accessed (`cost_analysis`, times `loop_factor`), the compiler's
 cost-model time per call (`optimal_seconds`, an ESTIMATE, not a measurement), the rate it
-implies, the MFU it implies against the chip's bf16 peak, and the cross-host collectives. A
-program that does not fit exits 1 naming it. The chip facts, the memory peak, out-of-memory
-detection and the loop correction are `xla_analysis`'s, shared with the benchmark.
+implies, the MFU it implies against the chip's bf16 peak, and the collectives. A program that
+does not fit exits 1 naming it. Chip facts, memory peak, out-of-memory detection and the loop
+correction: `xla_analysis` (shared with the benchmark).
 """
 
 from __future__ import annotations
@@ -38,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; it needs no accelerator
-# libtpu takes a machine-wide lock file unless told that several processes may load it; a
-# compile-only process shares no chip, so it must not wait for (or block) another one.
+# a compile-only process shares no chip: libtpu's machine-wide lock must not block it (or others)
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -293,11 +291,11 @@ def replica_groups(line: str, num_devices: int) -> list[list[int]]:
 
 
 def collectives(hlo: str, mesh: Mesh) -> dict[str, Any]:
-    """Collectives in a compiled program's HLO: count and result bytes per device, in all and
-    for those whose device groups span several hosts (each op counted once: a scan's body once,
-    i.e. per step). Asynchronous pairs count by their '-start' op."""
+    """Collectives in a compiled program's HLO: count and result bytes per device, in all, per
+    element type and for those whose device groups span several hosts (each op counted once:
+    a scan's body once, i.e. per step). Asynchronous pairs count by their '-start' op."""
     owner = [d.process_index for d in mesh.devices.flat]
-    out = {"count": 0, "bytes": 0, "cross_host_count": 0, "cross_host_bytes": 0, "ops": {}}
+    out = dict(count=0, bytes=0, cross_host_count=0, cross_host_bytes=0, ops={}, dtypes={})
     for line in hlo.splitlines():
         m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (.+?) ([a-z\-]+)\(", line)
         if not m:
@@ -311,6 +309,8 @@ def collectives(hlo: str, mesh: Mesh) -> dict[str, Any]:
         out["count"] += 1
         out["bytes"] += size
         out["ops"][op] = out["ops"].get(op, 0) + 1
+        for dtype, dims in _SHAPE.findall(m.group(1)):
+            out["dtypes"][dtype] = out["dtypes"].get(dtype, 0) + shape_bytes(f"{dtype}[{dims}]")
         if cross:
             out["cross_host_count"] += 1
             out["cross_host_bytes"] += size
