@@ -109,3 +109,13 @@ def test_layers_keep_flax_parameters_and_outputs(dtype):
         assert jax.tree.map(jnp.shape, nnx.state(a)) == jax.tree.map(jnp.shape, nnx.state(b))
         np.testing.assert_array_equal(a(x), b(x))
         assert a(x).dtype == dtype
+
+
+def test_affine_has_forward_mode_for_the_ode_likelihood():
+    """`jax.jvp` (the ODE likelihood's divergence) through `affine`: the tangent in x equals
+    the convolution of the tangent (the map is linear in x)."""
+    x, w, bias, g = _operands(b=4)
+    dx = g[..., :1].repeat(16, -1).astype(jnp.bfloat16)
+    y, dy = jax.jvp(lambda a: precision.affine(CONV, a, w, bias), (x,), (dx,))
+    np.testing.assert_array_equal(y, precision.affine(CONV, x, w, bias))
+    assert _rel(dy, _conv64(_f64(dx), _f64(w.astype(jnp.bfloat16)))) < 1e-2

@@ -27,7 +27,7 @@ from flax import nnx
 LinearOp = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def affine(op: LinearOp, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """op(x, kernel) + bias in x's (compute) dtype; `op` is linear in each argument (a
     convolution or a contraction over x's last axis), `bias` [C_out] is added over the last
@@ -35,20 +35,16 @@ def affine(op: LinearOp, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> ja
     return op(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
 
 
-def _affine_fwd(op, x, kernel, bias):
-    return affine(op, x, kernel, bias), (x, kernel, bias)
-
-
-def _affine_bwd(op, residuals, g):
-    x, kernel, bias = residuals
-    (dx,) = jax.vjp(lambda a: op(a, kernel.astype(x.dtype)), x)[1](g)
-    g32 = g.astype(jnp.float32)
-    (dkernel,) = jax.vjp(lambda k: op(x.astype(jnp.float32), k), kernel)[1](g32)
-    dbias = jnp.sum(g32, axis=tuple(range(g.ndim - 1)))
-    return dx, dkernel, dbias.astype(bias.dtype)
-
-
-affine.defvjp(_affine_fwd, _affine_bwd)
+@affine.defjvp
+def _affine_jvp(op, primals, tangents):
+    """The kernel's and bias's tangent terms are float32 (a float32 product, a float32
+    broadcast) cast to x's dtype, so their transposes, the gradients, cast the cotangent to
+    float32 first and sum the batch in float32; forward mode (`jax.jvp`) works as well."""
+    x, kernel, bias = primals
+    dx, dkernel, dbias = tangents
+    y = affine(op, x, kernel, bias)
+    dy = op(dx, kernel.astype(x.dtype)) + op(x.astype(jnp.float32), dkernel).astype(x.dtype)
+    return y, dy + jnp.broadcast_to(dbias, y.shape).astype(x.dtype)
 
 
 def keep_parameters_float32(args, dtype=None, inexact=True):
