@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +48,9 @@ def _affine_jvp(op, primals, tangents):
     return y, dy + jnp.broadcast_to(dbias, y.shape).astype(x.dtype)
 
 
-def keep_parameters_float32(args, dtype=None, inexact=True):
-    """A flax `promote_dtype` that casts the input (first of `args`) to `dtype` and leaves
-    the parameters as they are (float32), so their gradients are float32 sums."""
+def keep_parameters_float32(args: tuple, dtype: Any = None, inexact: bool = True) -> tuple:
+    """A flax `promote_dtype` (its signature; `inexact` unused) that casts the input (first of
+    `args`) to `dtype` and leaves the parameters float32, so their gradients are float32 sums."""
     x, *params = args
     return (x if dtype is None else jnp.asarray(x, dtype), *params)
 
