@@ -305,7 +305,7 @@ class _Device:
 
 def test_collectives_count_bytes_and_hosts():
     """Devices 0-1 on host 0, 2-3 on host 1: a group of all four crosses hosts, {0,1} not;
-    async pairs count once; other ops are not collectives."""
+    async pairs count once; other ops are not collectives; bytes per element type."""
     mesh = np.empty(4, object)
     mesh[:] = [_Device(0), _Device(0), _Device(1), _Device(1)]
     mesh = type("Mesh", (), {"devices": mesh, "size": 4})()
@@ -324,6 +324,7 @@ def test_collectives_count_bytes_and_hosts():
         "cross_host_count": 1,
         "cross_host_bytes": 400,
         "ops": {"all-reduce": 2},
+        "dtypes": {"f32": 400 + 40, "bf16": 20},
     }
 
 
