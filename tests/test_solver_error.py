@@ -13,7 +13,6 @@ from diffusion_jax.runtime.errors import ConfigError
 from diffusion_jax.tools.benchmark import solver_error
 
 PEER = json.loads((Path(__file__).parent / "data" / "diffusers_solver_error.json").read_text())
-NFES = (5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 75, 100)
 
 
 def test_the_exact_flow_is_what_a_fine_solver_converges_to():
@@ -30,7 +29,7 @@ def test_the_exact_flow_is_what_a_fine_solver_converges_to():
 def test_at_least_as_accurate_as_diffusers_at_every_nfe(method):
     assert PEER["problem"] == "spectrum"
     ours = {}
-    for n in NFES:
+    for n in solver_error.NFES:
         try:
             ours[n] = solver_error.error(solver_error.METHODS[method](n))[0]
         except ConfigError:  # DDIM's stride rule keeps no exact n of 1000 steps
