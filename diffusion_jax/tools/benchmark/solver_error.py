@@ -103,7 +103,7 @@ def table(ours: dict, peer: dict | None = None) -> str:
     for n in nfes:
         cells = []
         for m in names:
-            mine = ours[m].get(n) if n in ours[m] else ours[m].get(str(n))
+            mine = ours[m].get(n)
             theirs = peer.get(m, {}).get(str(n)) if peer else None
             cells.append("" if mine is None else f"{mine:.2e}")
             if peer:
