@@ -6,6 +6,7 @@ Every value can be overridden on the command line, e.g. `--config.training.batch
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -91,7 +92,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # ancestral/ddim with respacing = "", the chain of `spacing` with N steps (ancestral
     # "uniform" = respacing "N"; ddim "uniform" = respacing "ddimN", the stride keeping N).
     sampling.num_steps = 0
-    # "" = the method's default (ancestral/ddim: uniform, heun: karras, others: logsnr)
+    # "" = the method's default (ancestral/ddim: uniform, heun: quadratic, on the cosine
+    # schedule logsnr, others: logsnr)
     # | uniform | logsnr | quadratic | karras (ancestral/ddim: uniform | quadratic only)
     # | trailing (ddim only: t = i / num_steps down to 0, the grid of distilled students)
     sampling.spacing = ""
@@ -100,9 +102,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     sampling.dpm_solver_variant = "singlestep"  # dpm_solver: singlestep (-fast) | multistep
     sampling.unipc_variant = "bh2"  # unipc: B(h) = expm1(h) (bh2) | h (bh1)
     sampling.lower_order_final = True  # multistep solvers: lower orders in the last steps
-    # Time-grid samplers: the last of the num_steps steps goes to sigma = 0 (x = x0_hat)
-    # instead of stopping at t = 1/T (diffusers' final_sigmas_type="zero"); same NFE.
-    sampling.denoise_to_zero = False
+    # Time-grid samplers: True replaces the grid's last point t = 1/T by sigma = 0 (x = x0_hat;
+    # diffusers' final_sigmas_type="zero"), same NFE; False stops at t = 1/T; None (unset) is
+    # the method's default: True, except singlestep dpm_solver (an order-1 call to 0 there).
+    sampling.denoise_to_zero = config_dict.placeholder(bool)
     sampling.eta = 0.0
     sampling.clip_denoised = True
     sampling.guidance_scale = 0.0  # classifier-free guidance weight w (0 = off)
@@ -131,6 +134,31 @@ def get_base_config() -> ml_collections.ConfigDict:
     distill.start_steps = 1024  # the teacher's DDIM steps in round 1
     distill.end_steps = 4  # the last student's steps
     distill.steps_per_round = 50_000  # updates per round
+
+    # Consistency models (`--mode consistency`, training/consistency_step.py; the math in
+    # diffusion/consistency.py): a one/few-step student f(x_t, t), equal to x_t / alpha_t at
+    # t = 1/T by construction, that starts from a trained teacher's weights and predicts
+    # diffusion.model_output (v or x0). "distillation" (CD, Song et al. 2023): the target is the
+    # target network at the teacher's one ODE step from s to r; "tuning" (ECT, Geng et al.
+    # 2024): at x_0 + r eps, the data alone. Pairs (s, r) of EDM noise levels: s lognormal,
+    # r = s (1 - n(s) / q^stage), n(s) = 1 + k sigmoid(-b s); num_stages stages over
+    # training.num_train_steps (stage 0: r = s_min, plain denoising). Sample with
+    # sampling.method="consistency".
+    config.consistency = cm = ml_collections.ConfigDict()
+    cm.method = ""  # "" (not a consistency run) | distillation | tuning
+    cm.teacher_workdir = ""  # the trained teacher's workdir (its EMA weights start the student)
+    cm.teacher_step = -1  # its checkpoint (-1 = the latest readable one)
+    cm.teacher_output = "eps"  # what the teacher predicts (checked against its config.json)
+    cm.teacher_solver = "ddim"  # distillation's teacher ODE step: ddim | heun
+    cm.target_decay = 0.0  # EMA of the target network (0 = the online network, stop-gradient)
+    cm.distance = "pseudo_huber"  # pseudo_huber (iCT) | l2
+    cm.weighting = "inverse_delta"  # 1 / (s - r) (iCT) | uniform
+    cm.p_mean = -1.1  # lognormal of s (iCT)
+    cm.p_std = 2.0
+    cm.num_stages = 8
+    cm.q = 2.0
+    cm.k = 8.0
+    cm.b = 1.0
 
     config.eval = ev = ml_collections.ConfigDict()
     ev.once = False  # --mode eval: the latest checkpoint only, then exit (else poll)

@@ -62,7 +62,6 @@ def get_config():
     config.sampling.method = "sde_dpm_solver++"
     config.sampling.num_steps = 20
     config.sampling.spacing = "quadratic"
-    config.sampling.denoise_to_zero = True
 
     config.sampling.preview_respacing = "100"
     config.sampling.preview_num = 64

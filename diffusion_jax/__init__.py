@@ -4,4 +4,4 @@ __version__ = "0.1.0"
 
 # What `python -m diffusion_jax.main --mode` runs; `config_checks` validates each. Here, where
 # importing it costs nothing (`main` reads it before it imports JAX).
-MODES = ("train", "distill", "eval", "sample")
+MODES = ("train", "distill", "consistency", "eval", "sample")

@@ -1,7 +1,8 @@
 """Entry point: `python -m diffusion_jax.main --config configs/cifar10.py --workdir DIR`.
 
 Modes: train (default), distill (progressive distillation of the teacher the config names),
-eval (watch DIR and evaluate each checkpoint once), sample (draw samples from the latest
+consistency (consistency distillation or tuning from the teacher the config names), eval
+(watch DIR and evaluate each checkpoint once), sample (draw samples from the latest
 checkpoint). Every config value can be overridden on the command
 line, e.g. `--config.training.batch_size=64`.
 """
@@ -43,10 +44,10 @@ def run(mode: str, config, workdir: str) -> None:
     distributed.maybe_initialize_distributed()
     cache.enable(config)
     logging.info("JAX devices: %s", jax.devices())
-    if mode in ("train", "distill"):
+    if mode in ("train", "distill", "consistency"):
         from diffusion_jax.training import config_checks, loop
 
-        config_checks.check_distill(config, mode)
+        config_checks.check_task(config, mode)
         loop.train(config, workdir)
         if jax.process_index() == 0:
             from diffusion_jax.sampling import registry
@@ -54,7 +55,7 @@ def run(mode: str, config, workdir: str) -> None:
             base = f"python -m diffusion_jax.main --config {config_path()} --workdir {workdir}"
             # a student samples with its own steps; a config sampling with the full chain
             # is shown a 20-step solver
-            slow = mode != "distill" and registry.build(config).nfe > 100
+            slow = mode == "train" and registry.build(config).nfe > 100
             solver = " --config.sampling.method=dpm_solver++ --config.sampling.num_steps=20"
             solver = solver if slow else ""
             print(

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config
 
-from configs import digits_distill
+from configs import digits_consistency, digits_distill
 from diffusion_jax.runtime import errors
 from diffusion_jax.tools import aot, xla_analysis
 from diffusion_jax.training import state as state_lib
@@ -127,33 +127,56 @@ def test_a_v3_32_of_four_hosts_runs_the_v3_8_program_only_wider(v3_8):
     assert train["collectives"]["cross_host_bytes"] == pytest.approx(params, rel=0.05)
 
 
-def _preview_config(distilling: bool):
+def _preview_config(task: str):
     """Previews of 8 samples every 3 steps: a 10-step respaced chain, or for a distillation
     (16 -> 4 steps, 2 updates a round, an eps teacher: round 0 fine-tunes) DDIM with round
-    1's student, 8 steps, at step 3."""
-    config = _config(16, digits_distill.get_config() if distilling else None)
+    1's student, 8 steps, at step 3, or for a consistency distillation with an EMA target
+    2-step consistency sampling (8 steps of the time grid here)."""
+    base = {"distill": digits_distill, "consistency": digits_consistency}.get(task)
+    config = _config(16, base.get_config() if base else None)
     config.training.sample_every, config.training.steps_per_call = 3, 1
     config.sampling.preview_num, config.sampling.preview_respacing = 8, "10"
-    if distilling:
+    if task == "distill":
         config.distill.teacher_workdir = "/nonexistent/teacher"  # aot loads no teacher
         config.distill.start_steps, config.distill.end_steps = 16, 4
         config.distill.steps_per_round = 2
+    if task == "consistency":
+        config.consistency.teacher_workdir = "/nonexistent/teacher"
+        config.consistency.target_decay = 0.99
+        config.training.num_train_steps = 6
+        config.sampling.num_steps = 8
     return config
 
 
-@pytest.mark.parametrize("distilling", [False, True], ids=["train", "distill"])
-def test_the_preview_row_counts_the_train_state_resident_while_it_runs(devices, distilling):
+def test_a_consistency_update_compiles_with_its_teacher_and_target(devices):
+    """`--mode consistency`'s update (`consistency.compile_consistency_fn`), as aot builds it
+    from the task: its state carries the frozen teacher and the EMA target, and its FLOPs are
+    a train step's and more (the teacher's and the target's forward passes)."""
+    cpu = aot.Topology("cpu", "cpu", tuple(devices), 2**40, 1.0)
+    config = _preview_config("consistency")
+    (program,) = aot.build_programs(config, cpu, ("train",))
+    state, metrics = program.fn.eval_shape(*program.args)
+    assert isinstance(state, state_lib.ConsistencyState) and "stage" in metrics
+    plain = _preview_config("train")
+    (train,) = aot.build_programs(plain, cpu, ("train",))
+    flops = lambda p: p.fn.lower(*p.args).compile().cost_analysis()["flops"]
+    assert flops(program) > 1.3 * flops(train)
+
+
+@pytest.mark.parametrize("task", ["train", "distill", "consistency"])
+def test_the_preview_row_counts_the_train_state_resident_while_it_runs(devices, task):
     """The preview sampler compiled as the run builds it (at `preview_num`, for a
     distillation with the round's student steps) and, added to its own peak, the train state
     that stays on the devices: every array of the state but the EMA parameters (its
-    argument), i.e. params, mu and nu (+ the teacher) of the parameters' size. So `fits`
-    turns false on a device that holds the sampler alone but not beside the state."""
-    config = _preview_config(distilling)
+    argument), i.e. params, mu and nu (+ the teacher, + a consistency run's target) of the
+    parameters' size. So `fits` turns false on a device that holds the sampler alone but not
+    beside the state."""
+    config = _preview_config(task)
     shapes = jax.eval_shape(lambda: state_lib.init_train_state(config)[2])
     nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
     params, ema = nbytes(shapes.params), nbytes(shapes.ema_params)
     resident = nbytes(shapes) - ema  # replicated: each device holds all of it
-    copies = 4 if distilling else 3  # params, Adam's mu and nu (and the teacher)
+    copies = {"train": 3, "distill": 4, "consistency": 5}[task]
     assert resident // params == copies and resident % params < 64  # + step and counters
 
     cpu = aot.Topology("cpu", "cpu", tuple(devices), 2**40, 1.0)
@@ -170,7 +193,7 @@ def test_the_preview_row_counts_the_train_state_resident_while_it_runs(devices, 
     )
     assert ema <= mem.argument_size_in_bytes < ema + 64  # the EMA parameters, key, labels
     # The sampler's steps: all its network calls run in the scan over them.
-    assert xla_analysis.loop_factor(compiled.as_text()) == (8 if distilling else 10)
+    assert xla_analysis.loop_factor(compiled.as_text()) == (10 if task == "train" else 8)
 
     tight = dataclasses.replace(cpu, hbm_bytes=own + resident // 2)
     row = aot.analyse(program, tight)

@@ -25,6 +25,7 @@ from diffusion_jax.runtime import errors
 from diffusion_jax.sampling import registry, run
 from diffusion_jax.training import checkpoint, config_checks, distill, loop
 from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import teacher as teacher_lib
 
 
 def _config(start_steps=16, end_steps=4, **distill_fields):
@@ -329,13 +330,13 @@ def test_a_teacher_with_another_schedule_or_output_is_refused(teacher, tmp_path)
     config = _student_config(teacher)
     config.diffusion.schedule = "linear"
     with pytest.raises(errors.ConfigError, match="diffusion.schedule='cosine'"):
-        distill.teacher_config(config)
+        teacher_lib.teacher_config(config, config.distill)
     config = _student_config(teacher, **{"model.hidden": 64})
     with pytest.raises(errors.ConfigError, match="different model shape"):
-        distill.teacher_config(config)
+        teacher_lib.teacher_config(config, config.distill)
     config = _student_config(teacher, **{"distill.teacher_output": "v"})
     with pytest.raises(errors.ConfigError, match="predicts 'eps'"):
-        distill.teacher_config(config)
+        teacher_lib.teacher_config(config, config.distill)
 
 
 @pytest.mark.parametrize(

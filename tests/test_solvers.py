@@ -12,6 +12,7 @@ from jax.extend import core as jex_core
 from jax.sharding import Mesh
 
 from diffusion_jax.diffusion import grids
+from diffusion_jax.diffusion import process as process_lib
 from diffusion_jax.diffusion import schedules as S
 from diffusion_jax.diffusion.process import NoiseProcess
 from diffusion_jax.runtime.errors import ConfigError
@@ -71,19 +72,21 @@ def exact_flow(x, log_alpha_from: float, log_alpha_to: float) -> np.ndarray:
 
 
 def solve(num_steps: int, method: str, **options) -> tuple[np.ndarray, np.ndarray]:
-    """(sample, exact solution) of `method` from X_T over the linear schedule."""
+    """(sample, exact solution) of `method` from X_T over the linear schedule (to t_min unless
+    `denoise_to_zero` is given)."""
+    options = {"denoise_to_zero": False, **options}
     config = sampler_config(method=method, num_steps=num_steps, **options)
     got = np.asarray(draw(config, gaussian_denoiser(), X_T)["sample"])
     grid = registry.build(config).rows["t_model"]
     start = LOG_ALPHA[int(round(grid[0]))]
-    to_zero = method in ("ddim", "heun") or options.get("denoise_to_zero")
+    to_zero = method in ("ddim", "heun") or options["denoise_to_zero"]
     return got, exact_flow(X_T, start, 0.0 if to_zero else LOG_ALPHA[0])
 
 
 CONVERGENCE = {
     "ddim": ("ddim", {}),
     "dpm_solver-1": ("dpm_solver", {"order": 1}),
-    "dpm_solver++(2M)": ("dpm_solver++", {}),
+    "dpm_solver++(2M) to t_min": ("dpm_solver++", {"denoise_to_zero": False}),
     "dpm_solver++(2M) to zero": ("dpm_solver++", {"denoise_to_zero": True}),
     "heun": ("heun", {}),
     "dpm_solver-3": ("dpm_solver", {"order": 3}),
@@ -98,8 +101,10 @@ CONVERGENCE = {
         ("ddim", (5, 10, 20, 50), (0.8, 1.2), 0.08),
         ("dpm_solver-1", (5, 10, 20, 50), (0.8, 1.2), 0.06),
         # pre-asymptotic below 20 steps (lambda spans ~10, so h ~ 1 at 10 steps)
-        ("dpm_solver++(2M)", (20, 50, 100), (1.7, 2.4), 5e-3),
-        ("dpm_solver++(2M) to zero", (20, 50, 100), (1.9, 2.5), 5e-3),
+        ("dpm_solver++(2M) to t_min", (20, 50, 100), (1.7, 2.4), 5e-3),
+        # the last step from the second-to-last point to 0 gains on the way to its floor
+        # (x0_hat at t_min, ~1.5 sigma_min^2 relative): 1.25e-2, 2.0e-3, 3.4e-4 at 20, 50, 100
+        ("dpm_solver++(2M) to zero", (20, 50, 100), (1.9, 2.7), 5e-3),
         ("heun", (10, 20, 50), (1.7, 2.7), 1e-2),
         # step counts = 2 mod 3: outer orders [3, ..., 3, 2], no first-order final step
         ("dpm_solver-3", (20, 35, 50, 65), (2.6, 3.9), 1e-3),
@@ -186,7 +191,9 @@ def _unipc_reference(x_T, num_steps, order, bh):
 def test_unipc_matches_the_reference_loop(order, bh):
     """The scanned UniPC table equals the reference scheduler's list-based loop (float64)."""
     for n in (3, 6, 11):
-        config = sampler_config(method="unipc", num_steps=n, order=order, unipc_variant=bh)
+        config = sampler_config(
+            method="unipc", num_steps=n, order=order, unipc_variant=bh, denoise_to_zero=False
+        )
         config.diffusion.model_output = "x0"
         got = draw(config, gaussian_denoiser("x0"), X_T)["sample"]
         np.testing.assert_allclose(got, _unipc_reference(X_T, n, order, bh), rtol=2e-5, atol=2e-6)
@@ -290,8 +297,7 @@ def test_time_spacings(spacing):
         assert np.all(np.diff(t) < 0)
         to_zero = grids.time_grid(SCHED, n, spacing, denoise_to_zero=True)
         assert to_zero.shape == (n + 1,) and to_zero[-1] == 0.0
-        if n > 1:
-            np.testing.assert_array_equal(to_zero[:-1], grids.time_grid(SCHED, n - 1, spacing))
+        np.testing.assert_array_equal(to_zero[:-1], t[:-1])  # t_min replaced by 0
     n = 12
     t = grids.time_grid(SCHED, n, spacing)
     lam = SCHED.lam(t)
@@ -436,7 +442,8 @@ def test_guidance_one_step_by_hand(method, options):
         return 0.3 * x * (1.0 + t / T)[:, None, None, None] + 0.05 * y[:, None, None, None]
 
     guided = run.classifier_free_guidance(model_fn, labels, w, null)
-    got = draw(sampler_config(method=method, num_steps=1, **options), guided, X_T)
+    config = sampler_config(method=method, num_steps=1, denoise_to_zero=False, **options)
+    got = draw(config, guided, X_T)
     # by hand, float64: one step from t = 1 (timestep 999) to t_min = 1/T (or sigma = 0)
     x = np.asarray(X_T, np.float64)
     eps = lambda y: 0.3 * x * (1.0 + (T - 1) / T) + 0.05 * np.asarray(y)[:, None, None, None]
@@ -606,3 +613,20 @@ def test_clip_denoised_reaches_every_solver(method):
     clipped, free = sample(True), sample(False)
     assert np.abs(clipped).max() <= 1.05  # DPM-Solvers end at t_min, x = alpha x0 + sigma eps
     assert np.abs(free).max() > 2.0
+
+
+def test_heun_takes_logsnr_steps_on_the_cosine_schedule():
+    """Quadratic steps on the linear schedule (the most accurate on Gaussian data,
+    `test_solver_error`), logSNR on the cosine one, whose first quadratic step would jump from
+    t = 1 (alpha ~ 1e-4) to sigma ~ 3 (`registry.default_spacing`); a given spacing wins."""
+    linear, cosine = (
+        sampler_config(method="heun", num_steps=5),
+        sampler_config("cosine", method="heun", num_steps=5),
+    )
+    second = (1.0 - (1.0 - (1.0 / T) ** 0.5) / 5) ** 2  # sqrt(t) in 5 equal steps to 1/T
+    np.testing.assert_allclose(registry.build(linear).rows["t_model"][1], second * T - 1)
+    t = registry.build(cosine).rows["t_model"]
+    lam = process_lib.from_config(cosine.diffusion).lam((t + 1.0) / T)
+    np.testing.assert_allclose(np.diff(lam[:-1]), np.diff(lam[:-1])[0], rtol=1e-3)
+    cosine.sampling.spacing = "quadratic"
+    assert registry.resolved(cosine.sampling, "", "cosine")["spacing"] == "quadratic"

@@ -44,7 +44,7 @@ def sample_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Everything a shard's content depends on besides its index and the checkpoint."""
     s = config.sampling
     return {
-        **registry.resolved(s, s.respacing),
+        **registry.resolved(s, s.respacing, config.diffusion.schedule),
         "nfe": registry.build(config).nfe,
         "guidance_scale": float(s.guidance_scale),
         "clip_denoised": bool(s.clip_denoised),

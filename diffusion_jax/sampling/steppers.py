@@ -19,6 +19,8 @@ the chain position for chain grids) and `nfe` (network calls of the row).
 - `heun`: Karras et al. 2022 Algorithm 1 (S_churn = 0), Euler on the last step to sigma = 0.
 - `unipc`: UniPC (Zhao et al. 2023), UniP-p predictor with the UniC corrector, data
   prediction, B(h) = h (`bh1`) or expm1(h) (`bh2`).
+- `consistency`: a consistency model's one-step and multistep sampling (Song et al. 2023,
+  Algorithm 1).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.diffusion import consistency as consistency_lib
 from diffusion_jax.diffusion.process import NoiseProcess, model_log_variance
 from diffusion_jax.diffusion.schedules import LEARNED_VARIANCE
 
@@ -374,6 +377,32 @@ def heun(process: NoiseProcess, grid: np.ndarray) -> Stepper:
 
         x = jax.lax.cond(row["euler"] == 1, lambda _: d_x, second_order, None)
         return x, d_x
+
+    return Stepper(rows, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency models (Song et al. 2023, Algorithm 1)
+
+
+def consistency(process: NoiseProcess, grid: np.ndarray) -> Stepper:
+    """Multistep consistency sampling over `grid` ending at t = 0: at each t_k f(x, t_k)
+    (`diffusion.consistency.consistency_fn`, one call), then unless t_{k+1} = 0 re-noise:
+    x = alpha_{k+1} (f + sqrt(s_{k+1}^2 - s_min^2) z) (EDM noise levels s). One step (grid
+    [1, 0]) is f(x_T, 1); the sample is the last f (the data plus s_min noise, x~ units)."""
+    s_min, _ = consistency_lib.sigma_range(process)
+    nxt, rows = grid[1:], _base(process, grid)
+    with np.errstate(divide="ignore"):
+        rows["edm_sigma"] = np.exp(-_lambdas(process, grid[:-1]))
+        s_next = np.exp(-_lambdas(process, nxt))
+    rows["alpha_next"] = np.where(nxt > 0, process.alpha(nxt), 1.0)
+    rows["renoise"] = np.where(nxt > 0, np.sqrt(np.maximum(s_next**2 - s_min**2, 0.0)), 0.0)
+
+    def step(x, row, predict, noise):
+        f = consistency_lib.consistency_fn(
+            x, predict(x, row).x0, row["alpha"], row["edm_sigma"], s_min
+        )
+        return row["alpha_next"] * (f + row["renoise"] * noise), f
 
     return Stepper(rows, step)
 

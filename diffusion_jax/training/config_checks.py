@@ -12,12 +12,12 @@ import jax
 import ml_collections
 
 from diffusion_jax import MODES, input_pipeline, models
-from diffusion_jax.diffusion import losses, process, schedules, timestep_sampler
+from diffusion_jax.diffusion import consistency, losses, process, schedules, timestep_sampler
 from diffusion_jax.runtime import errors
 from diffusion_jax.sampling import registry
 from diffusion_jax.training import state
 
-STUDENT_OUTPUTS = ("v", "x0")  # what a distilled student predicts
+STUDENT_OUTPUTS = ("v", "x0")  # what a distilled or consistency student predicts
 
 
 def field(config: ml_collections.ConfigDict, name: str):
@@ -104,18 +104,64 @@ def check_training(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _needs_classes(config, "training.label_dropout")
 
 
-def check_distill(config: ml_collections.ConfigDict, mode: str) -> None:
-    """`config.distill` for `--mode distill` (the teacher itself is checked when it is loaded,
-    `distill.teacher_config`); a config naming a teacher is refused by `--mode train`."""
-    d = config.distill
+def check_task(config: ml_collections.ConfigDict, mode: str) -> None:
+    """The settings of a training mode's task (train, distill, consistency; `tasks.py`): a
+    config meant for another mode is refused with the mode to use (a config naming
+    `distill.teacher_workdir` distils, one naming `consistency.method` is a consistency run);
+    the teacher itself is checked when it is loaded (`teacher.teacher_config`)."""
+    if state.distilling(config):
+        wanted = "distill"
+        why = f"config.distill.teacher_workdir={config.distill.teacher_workdir!r}"
+    elif method := state.consistency_method(config):
+        wanted, why = "consistency", f"config.consistency.method={method!r}"
+    else:
+        wanted, why = "train", ""
+    if mode != wanted and wanted != "train":
+        raise errors.ConfigError(
+            f"{why}: this config is a {wanted} run; run it with --mode {wanted}"
+        )
     if mode == "train":
-        if d.teacher_workdir:
-            raise errors.ConfigError(
-                f"config.distill.teacher_workdir={d.teacher_workdir!r}: this config distils "
-                "a teacher; run it with --mode distill"
-            )
         check_positive(config, ("training.num_train_steps",))
-        return
+    elif mode == "distill":
+        check_distill(config)
+    else:
+        check_consistency(config)
+
+
+def check_consistency(config: ml_collections.ConfigDict) -> None:
+    """`config.consistency` for `--mode consistency`."""
+    c = config.consistency
+    check_field_choice(config, "consistency.method", ("distillation", "tuning"))
+    if not c.teacher_workdir:
+        raise errors.ConfigError(
+            f"--mode consistency ({c.method}) starts from a trained model: set "
+            "--config.consistency.teacher_workdir"
+        )
+    check_positive(config, ("training.num_train_steps", "consistency.num_stages"))
+    check_positive(config, ("consistency.p_std", "consistency.k", "consistency.b"))
+    if int(c.num_stages) > int(config.training.num_train_steps):
+        raise errors.ConfigError(
+            f"config.consistency.num_stages={c.num_stages!r} is more than the "
+            f"{config.training.num_train_steps} updates (training.num_train_steps)"
+        )
+    if not c.q > 1.0:
+        raise errors.ConfigError(
+            f"config.consistency.q={c.q!r} must be > 1: each stage divides the gap s - r by q"
+        )
+    if not 0.0 <= c.target_decay < 1.0:
+        raise errors.ConfigError(
+            f"config.consistency.target_decay={c.target_decay!r} must be in [0, 1)"
+        )
+    check_field_choice(config, "consistency.teacher_solver", ("ddim", "heun"))
+    check_field_choice(config, "consistency.distance", consistency.DISTANCES)
+    check_field_choice(config, "consistency.weighting", consistency.WEIGHTINGS)
+    check_field_choice(config, "consistency.teacher_output", process.ODE_MODEL_OUTPUTS)
+    check_field_choice(config, "diffusion.model_output", STUDENT_OUTPUTS)
+
+
+def check_distill(config: ml_collections.ConfigDict) -> None:
+    """`config.distill` for `--mode distill`."""
+    d = config.distill
     if not d.teacher_workdir:
         raise errors.ConfigError(
             "--mode distill needs the trained teacher: set --config.distill.teacher_workdir"
@@ -185,8 +231,8 @@ def validate_config(
     num_devices = num_devices or jax.device_count()
     check_model(config)
     check_training(config, num_devices)
-    if mode in ("train", "distill"):
-        check_distill(config, mode)
+    if mode in ("train", "distill", "consistency"):
+        check_task(config, mode)
     check_sampling(config, mode)
     if mode != "train":
         _divisible(config, "sampling.batch_size", num_devices)

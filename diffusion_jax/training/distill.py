@@ -40,10 +40,11 @@ import optax
 from jax.sharding import Mesh
 
 from diffusion_jax.diffusion import grids, process
-from diffusion_jax.runtime import errors, streams
+from diffusion_jax.runtime import streams
 from diffusion_jax.sampling import steppers
-from diffusion_jax.training import checkpoint, train_step
 from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import teacher as teacher_lib
+from diffusion_jax.training import train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,56 +215,19 @@ def compile_distill_fn(
     return train_step.compile_steps(step_fn, mesh, shardings)
 
 
-def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config saved in the teacher's workdir, checked against `config`: InputError when
-    there is none, ConfigError when its model shape, noise schedule or output differ from what
-    the student needs."""
-    workdir = config.distill.teacher_workdir
-    checkpoint.check_workdir_exists(workdir)
-    saved = checkpoint.read_config(workdir)
-    if saved is None:
-        raise errors.InputError(
-            f"the teacher workdir {workdir} has no config.json: give the workdir of a training run"
-        )
-    checkpoint.check_compatible(workdir, config)
-    for name in ("schedule", "num_timesteps", "beta_start", "beta_end"):
-        theirs, mine = saved.diffusion.get(name), config.diffusion[name]
-        if theirs != mine:
-            raise errors.ConfigError(
-                f"the teacher in {workdir} was trained with diffusion.{name}={theirs!r}, this "
-                f"config has {mine!r}: a student learns the teacher's noise schedule"
-            )
-    out = saved.diffusion.get("model_output", "eps")
-    if out != config.distill.teacher_output:
-        raise errors.ConfigError(
-            f"the teacher in {workdir} predicts {out!r}, but config.distill.teacher_output="
-            f"{config.distill.teacher_output!r}; set it to {out!r}"
-        )
-    return saved
-
-
 def load_teacher(
     config: ml_collections.ConfigDict,
     state: state_lib.DistillState,
     tx: optax.GradientTransformation,
     mesh: Mesh,
 ) -> state_lib.DistillState:
-    """`state` with the teacher's EMA parameters as parameters, EMA and teacher, and a fresh
-    optimiser: the start of a run."""
-    saved = teacher_config(config)
-    workdir = config.distill.teacher_workdir
-    _, _, abstract = state_lib.abstract_train_state(saved, mesh)
-    step = int(config.distill.teacher_step)
-    if step >= 0:
-        teacher = checkpoint.restore_step(workdir, step, abstract).ema_params
-    else:
-        step, restored = checkpoint.restore_newest_step(workdir, abstract)
-        teacher = restored.ema_params
-    print(f"Teacher: {workdir}, checkpoint {step} (EMA parameters).", flush=True)
+    """`state` with the teacher's EMA parameters (`teacher_lib.teacher_params`) as parameters, EMA
+    and teacher, and a fresh optimiser: the start of a run."""
+    params = teacher_lib.teacher_params(config, config.distill, mesh)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     return state.replace(
-        params=copy(teacher),
-        ema_params=copy(teacher),
-        teacher_params=teacher,
-        opt_state=jax.jit(tx.init)(teacher),
+        params=copy(params),
+        ema_params=copy(params),
+        teacher_params=params,
+        opt_state=jax.jit(tx.init)(params),
     )

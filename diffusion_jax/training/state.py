@@ -3,9 +3,10 @@ conversion and the benchmark alike.
 
 `TrainState` holds the parameters, their EMA, the optimiser state and the timestep sampler's
 loss history; `DistillState` adds the teacher of a progressive-distillation round
-(`distill.py`). The optimiser is Adam with global-norm clipping and a linear learning-rate
-warmup (DDPM §4), or for distillation a linear decay to 0 over each round (Salimans & Ho
-2022), built from optax schedules.
+(`distill.py`), `ConsistencyState` a consistency run's teacher and target network
+(`consistency_step.py`). The optimiser is Adam with global-norm clipping and a linear
+learning-rate warmup (DDPM §4), or for distillation a linear decay to 0 over each round
+(Salimans & Ho 2022), built from optax schedules.
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ class TrainState:
 @struct.dataclass
 class DistillState(TrainState):
     teacher_params: Any  # the teacher of the current round, shaped as params
+
+
+@struct.dataclass
+class ConsistencyState(TrainState):
+    teacher_params: Any  # consistency distillation's frozen teacher; None for tuning
+    target_params: Any  # the EMA target network; None when consistency.target_decay = 0
+
+
+def consistency_method(config: ml_collections.ConfigDict) -> str:
+    """`consistency.method` ('' when `config` is not a consistency run)."""
+    return str(config.get("consistency", {}).get("method", ""))
 
 
 def distilling(config: ml_collections.ConfigDict) -> bool:
@@ -90,8 +102,15 @@ def init_train_state(
         loss_history=history,
         nonfinite_step=jnp.int32(-1),
     )
+    copy = lambda: jax.tree.map(jnp.copy, params)
     if distilling(config):
-        state = DistillState(**vars(state), teacher_params=jax.tree.map(jnp.copy, params))
+        state = DistillState(**vars(state), teacher_params=copy())
+    elif method := consistency_method(config):
+        state = ConsistencyState(
+            **vars(state),
+            teacher_params=copy() if method == "distillation" else None,
+            target_params=copy() if config.consistency.target_decay > 0 else None,
+        )
     return graphdef, rest, state, tx
 
 

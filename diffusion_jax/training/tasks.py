@@ -7,8 +7,10 @@ step, and what its previews and final samples draw with.
 - `Distillation` (`--mode distill`, a config that names a teacher): progressive distillation
   (`distill.py`), rounds of `distill.steps_per_round` updates; each round's last student is
   saved and kept.
+- `Consistency` (`--mode consistency`, a config naming `consistency.method`): consistency
+  distillation or tuning (`consistency_step.py`); each stage's last student is saved and kept.
 
-`for_config` is the one place that tells them apart (a config naming a teacher distils it).
+`for_config` is the one place that tells them apart.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from jax.sharding import Mesh
 
 from diffusion_jax.diffusion import process
 from diffusion_jax.sampling import generation
-from diffusion_jax.training import checkpoint, distill, train_step
+from diffusion_jax.training import checkpoint, consistency_step, distill, train_step
 from diffusion_jax.training import state as state_lib
+from diffusion_jax.training import teacher as teacher_lib
 
 Sampler = Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]
 StepFn = Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
@@ -93,7 +96,7 @@ class Distillation(Training):
         """A fresh run checks the teacher; a resumed one reads its round's teacher from its
         own checkpoint and does not need the teacher's workdir."""
         if not checkpoint.checkpoint_steps(workdir):
-            distill.teacher_config(self.config)
+            teacher_lib.teacher_config(self.config, self.config.distill)
 
     def first_state(self, state: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
         return distill.load_teacher(self.config, state, tx, mesh)
@@ -116,9 +119,48 @@ class Distillation(Training):
         return self.plan.describe(step // self.plan.steps_per_round)
 
 
+@dataclasses.dataclass(frozen=True)
+class Consistency(Training):
+    """Consistency distillation or tuning from the teacher `config.consistency.teacher_workdir`
+    names (`consistency_step.py`): `training.num_train_steps` updates of one student."""
+
+    verb = "Consistency training"
+    mode = "consistency"
+
+    def prepare(self, workdir: epath.Path) -> None:
+        """A fresh run checks the teacher; a resumed one holds what it needs (the teacher of a
+        distillation in its checkpoint) and does not read the teacher's workdir."""
+        if not checkpoint.checkpoint_steps(workdir):
+            teacher_lib.teacher_config(self.config, self.config.consistency)
+
+    def first_state(self, state: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
+        return consistency_step.load_teacher(self.config, state, tx, mesh)
+
+    def compile_step(self, apply: Callable[..., jax.Array], tx, mesh: Mesh) -> StepFn:
+        return consistency_step.compile_consistency_fn(self.config, apply, tx, mesh)
+
+    @property
+    def boundary(self) -> int:  # each stage's last student is saved and kept
+        return consistency_step.steps_per_stage(self.config)
+
+    def announce(self, step: int) -> str | None:
+        c = self.config.consistency
+        stage = int(consistency_step.stage_of(self.config, step))
+        what = "the teacher's ODE step" if c.method == "distillation" else "the data alone"
+        return (
+            f"stage {stage}/{int(c.num_stages) - 1}: consistency {c.method} "
+            f"(targets from {what}; gap s - r = s n(s) / {float(c.q):g}^{stage})"
+        )
+
+
 def for_config(config: ml_collections.ConfigDict) -> Training:
-    """The task of `config`: a distillation when it names a teacher, else training."""
-    return Distillation(config) if state_lib.distilling(config) else Training(config)
+    """The task of `config`: a distillation when it names a teacher (`distill`), a consistency
+    run when it names a consistency method, else training."""
+    if state_lib.distilling(config):
+        return Distillation(config)
+    if state_lib.consistency_method(config):
+        return Consistency(config)
+    return Training(config)
 
 
 def preview_sampler(

@@ -31,13 +31,18 @@ from diffusion_jax.training import checkpoint, config_checks
 from diffusion_jax.training import state as state_lib
 
 # (method, sampling overrides for a given NFE); Heun spends 2 N - 1 evaluations on N steps.
-# "(to zero)": the last step goes to sigma = 0 (sampling.denoise_to_zero), at the same NFE.
+# "(to zero)": the grid's last point is sigma = 0 (sampling.denoise_to_zero), at the same NFE;
+# the others stop at t = 1/T.
 METHODS = {
     "ancestral (strided)": lambda nfe: {"method": "ancestral", "num_steps": nfe},
     "ddim": lambda nfe: {"method": "ddim", "num_steps": nfe, "spacing": "uniform"},
     "ddim (quadratic)": lambda nfe: {"method": "ddim", "num_steps": nfe, "spacing": "quadratic"},
     "ddim (trailing)": lambda nfe: {"method": "ddim", "num_steps": nfe, "spacing": "trailing"},
-    "dpm_solver++ 2M": lambda nfe: {"method": "dpm_solver++", "num_steps": nfe},
+    "dpm_solver++ 2M": lambda nfe: {
+        "method": "dpm_solver++",
+        "num_steps": nfe,
+        "denoise_to_zero": False,
+    },
     "dpm_solver++ 2M (to zero)": lambda nfe: {
         "method": "dpm_solver++",
         "num_steps": nfe,
@@ -71,8 +76,15 @@ METHODS = {
         "unipc_variant": "bh1",
         "denoise_to_zero": True,
     },
-    "dpm_solver-3": lambda nfe: {"method": "dpm_solver", "num_steps": nfe, "order": 3},
+    "dpm_solver-3": lambda nfe: {
+        "method": "dpm_solver",
+        "num_steps": nfe,
+        "order": 3,
+        "denoise_to_zero": False,
+    },
     "heun": lambda nfe: {"method": "heun", "num_steps": (nfe + 1) // 2},
+    # a consistency model's workdir (`--mode consistency`): one or multistep sampling
+    "consistency": lambda nfe: {"method": "consistency", "num_steps": nfe},
 }
 
 

@@ -55,14 +55,15 @@ def variances(problem: str) -> np.ndarray:
     raise ValueError(f"unknown problem {problem!r}")
 
 
-def error(overrides: dict[str, Any], problem: str = "spectrum") -> tuple[float, int]:
-    """(relative RMS error against the flow to sigma = 0, NFE) of one sampler setting."""
+def errors(overrides: dict[str, Any], problems: tuple[str, ...]) -> tuple[dict[str, float], int]:
+    """({problem: relative RMS error against the flow to sigma = 0}, NFE) of one sampler
+    setting; the problems run side by side as channels of one sample, each from the same x_T."""
     config = runpy.run_path(str(paths.REPO_ROOT / "configs" / "base.py"))["get_base_config"]()
-    config.data.image_size, config.data.channels = 8, 1
+    config.data.image_size, config.data.channels = 8, len(problems)
     config.sampling.clip_denoised = False
     config.sampling.update(overrides)
     process = process_lib.from_config(config.diffusion)
-    s2 = variances(problem)
+    s2 = np.concatenate([variances(p) for p in problems], axis=-1)
 
     def denoise(x, steps):
         t = (steps + 1.0) / process.num_full_timesteps
@@ -71,13 +72,23 @@ def error(overrides: dict[str, Any], problem: str = "spectrum") -> tuple[float, 
         return jnp.sqrt(var) * x / (a**2 * jnp.asarray(s2, jnp.float32) + var)
 
     stepper = registry.build(config)
-    x_t = jax.random.normal(jax.random.key(0), (16, 8, 8, 1))
+    x_t = jnp.tile(jax.random.normal(jax.random.key(0), (16, 8, 8, 1)), (1, 1, 1, len(problems)))
     predict = run.make_predict(denoise, "eps", False)
     fn = jax.jit(lambda x: run.sample(stepper, predict, x.shape, jax.random.key(1), x_init=x))
     got = np.asarray(fn(x_t)["sample"], np.float64)
     a = float(stepper.rows["alpha"][0])
     exact = np.asarray(x_t, np.float64) * np.sqrt(s2 / (a * a * s2 + 1.0 - a * a))
-    return float(np.linalg.norm(got - exact) / np.linalg.norm(exact)), int(stepper.nfe)
+    out = {
+        p: float(np.linalg.norm(got[..., i] - exact[..., i]) / np.linalg.norm(exact[..., i]))
+        for i, p in enumerate(problems)
+    }
+    return out, int(stepper.nfe)
+
+
+def error(overrides: dict[str, Any], problem: str = "spectrum") -> tuple[float, int]:
+    """(relative RMS error against the flow to sigma = 0, NFE) of one sampler setting."""
+    out, nfe = errors(overrides, (problem,))
+    return out[problem], nfe
 
 
 def measure(problem: str, nfes: tuple[int, ...] = NFES) -> dict[str, dict[int, float]]:
