@@ -141,6 +141,7 @@ def _preview_config(task: str):
         config.distill.start_steps, config.distill.end_steps = 16, 4
         config.distill.steps_per_round = 2
     if task == "consistency":
+        config.consistency.method = "distillation"  # with its teacher in the state
         config.consistency.teacher_workdir = "/nonexistent/teacher"
         config.consistency.target_decay = 0.99
         config.training.num_train_steps = 6
