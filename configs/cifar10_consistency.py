@@ -7,14 +7,15 @@ schedule, EDM noise levels s from 0.01 at t = 1/T to 157 at t = 1):
         --config.consistency.teacher_workdir=gs://BUCKET/cifar10
 
 What is ECT's: batch 128, learning rate 1e-4, dropout 0.2, the lognormal of s (P_mean -1.1,
-P_std 2.0), the mapping r = s (1 - n(s) / q^stage) with n(s) = 1 + 8 sigmoid(-s), q = 2, the
-online network as its own target (no EMA target), the pseudo-Huber distance with c = 0.00054
-sqrt(3072) = 0.03, and the student's EMA for sampling. What differs: Adam (the project's
-optimiser) for RAdam; the DDPM U-Net predicting v from the eps teacher's weights (ECT starts
-from an EDM network with its own preconditioning), with stage 0 of 8 (plain denoising,
-`diffusion/consistency.py`) turning it into one; 1 / (s - r) weighting (iCT) for ECT's
-1 / s^2 + 1 / sigma_data^2. `--config.consistency.method=distillation` distils the teacher's
-DDIM step instead (CM's CD; the digits' comparison is in README).
+P_std 2.0), the mapping r = s (1 - n(s) / q^stage) with n(s) = 1 + 8 sigmoid(-s), the online
+network as its own target under stop-gradient with one dropout mask for both passes, and the
+student's EMA for sampling. What differs: Adam (the project's optimiser) for RAdam; the DDPM
+U-Net predicting v from the eps teacher's weights (ECT starts from an EDM network with its
+own preconditioning), with stage 0 of 8 (plain denoising, `diffusion/consistency.py`)
+turning it into one; q = 2 over 8 equal stages; iCT's pseudo-Huber distance (c = 0.00054
+sqrt(3072) = 0.03) and 1 / (s - r) weighting for ECT's L2 norm and 1 / s^2 + 1 / sigma_data^2.
+`--config.consistency.method=distillation` distils the teacher's DDIM step instead (CM's CD;
+the digits' comparison is in README).
 
 It samples in one step (`sampling.num_steps=1`); `--config.sampling.num_steps=2` for two. Each
 stage's last student is kept (a checkpoint every 25k updates), so the evaluation job scores

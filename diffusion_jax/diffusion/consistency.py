@@ -110,7 +110,7 @@ def distance(a: jax.Array, b: jax.Array, kind: str) -> jax.Array:
 
 
 def weight(s: jax.Array, r: jax.Array, kind: str) -> jax.Array:
-    """lambda(s, r): 1 / (s - r) (iCT, ECT) or 1. [B]"""
+    """lambda(s, r): 1 / (s - r) (iCT) or 1 (CM). [B]"""
     return 1.0 / (s - r) if kind == "inverse_delta" else jnp.ones_like(s)
 
 
