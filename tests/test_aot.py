@@ -150,7 +150,7 @@ def _preview_config(task: str):
 
 
 def test_a_consistency_update_compiles_with_its_teacher_and_target(devices):
-    """`--mode consistency`'s update (`consistency.compile_consistency_fn`), as aot builds it
+    """`--mode consistency`'s update (`consistency_step.consistency_step`), as aot builds it
     from the task: its state carries the frozen teacher and the EMA target, and its FLOPs are
     a train step's and more (the teacher's and the target's forward passes)."""
     cpu = aot.Topology("cpu", "cpu", tuple(devices), 2**40, 1.0)

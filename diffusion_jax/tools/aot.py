@@ -5,7 +5,7 @@ libtpu (`pip install -e ".[tpu]"`) compiles, on a machine without TPUs (`jax.exp
 topologies`, as MaxText's `train_compile`), the programs a run calls, from ShapeDtypeStructs.
 
 - 'train': `train_step.compile_train_fn` at `training.batch_size` and `training.steps_per_call`
-  (for a distillation config, `distill.compile_distill_fn`: the step of `--mode distill`);
+  (a distillation's or consistency run's step through its task, `tasks.for_config`);
 - 'preview': the previews' sampler (`tasks.preview_sampler`) at `sampling.preview_num`, with
   the train state that stays on the devices (`build_programs`): its `fits` means it fits
   during training; only when `training.sample_every` > 0;

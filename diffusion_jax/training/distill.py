@@ -199,22 +199,6 @@ def distill_step(
     return new_state, metrics
 
 
-def compile_distill_fn(
-    config: ml_collections.ConfigDict,
-    apply: Callable[..., jax.Array],
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-    rounds: Plan,
-):
-    """The jitted `(state, batches [K, B, ...]) -> (state, metrics)` (`train_step.compile_
-    steps`), state donated."""
-    shardings = state_lib.state_shardings(config, mesh)
-    step_fn = functools.partial(
-        distill_step, config=config, apply=apply, tx=tx, rounds=rounds, shardings=shardings
-    )
-    return train_step.compile_steps(step_fn, mesh, shardings)
-
-
 def load_teacher(
     config: ml_collections.ConfigDict,
     state: state_lib.DistillState,

@@ -16,6 +16,7 @@ step, and what its previews and final samples draw with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -102,7 +103,10 @@ class Distillation(Training):
         return distill.load_teacher(self.config, state, tx, mesh)
 
     def compile_step(self, apply: Callable[..., jax.Array], tx, mesh: Mesh) -> StepFn:
-        return distill.compile_distill_fn(self.config, apply, tx, mesh, self.plan)
+        step = functools.partial(
+            distill.distill_step, config=self.config, apply=apply, tx=tx, rounds=self.plan
+        )
+        return train_step.compile_steps(step, self.config, mesh)
 
     def sampling_config(self, step: int) -> ml_collections.ConfigDict:
         """A copy sampling with the steps of the student after `step` updates, on its own
@@ -137,7 +141,10 @@ class Consistency(Training):
         return consistency_step.load_teacher(self.config, state, tx, mesh)
 
     def compile_step(self, apply: Callable[..., jax.Array], tx, mesh: Mesh) -> StepFn:
-        return consistency_step.compile_consistency_fn(self.config, apply, tx, mesh)
+        step = functools.partial(
+            consistency_step.consistency_step, config=self.config, apply=apply, tx=tx
+        )
+        return train_step.compile_steps(step, self.config, mesh)
 
     @property
     def boundary(self) -> int:  # each stage's last student is saved and kept

@@ -128,20 +128,18 @@ def multi_step(step_fn, state: state_lib.TrainState, batches: dict[str, jax.Arra
 
 def compile_train_fn(config, apply, diffusion, tx, mesh):
     """The jitted `(state, batches [K, B, ...]) -> (state, metrics)`, state donated."""
+    step_fn = functools.partial(train_step, config=config, apply=apply, diffusion=diffusion, tx=tx)
+    return compile_steps(step_fn, config, mesh)
+
+
+def compile_steps(step_fn, config: ml_collections.ConfigDict, mesh):
+    """`multi_step` of `step_fn(state, batch, shardings=...) -> (state, metrics)` (a training
+    task's step) jitted over `mesh`: the state placed as `state.state_shardings(config, mesh)`
+    say, which the step also receives, and donated; the batches [K, B, ...] sharded over B."""
     shardings = state_lib.state_shardings(config, mesh)
-    step_fn = functools.partial(
-        train_step, config=config, apply=apply, diffusion=diffusion, tx=tx, shardings=shardings
-    )
-    return compile_steps(step_fn, mesh, shardings)
-
-
-def compile_steps(step_fn, mesh, shardings: state_lib.TrainState):
-    """`multi_step` of `step_fn(state, batch) -> (state, metrics)` jitted over `mesh`: the
-    state placed as `shardings` say (`state.state_shardings`) and donated, the batches
-    [K, B, ...] sharded over B."""
     repl = distributed.replicated(mesh)
     return jax.jit(
-        functools.partial(multi_step, step_fn),
+        functools.partial(multi_step, functools.partial(step_fn, shardings=shardings)),
         in_shardings=(shardings, distributed.batch_sharded(mesh, 1)),
         out_shardings=(shardings, repl),
         donate_argnums=(0,),
