@@ -303,9 +303,9 @@ def test_the_command_reports_a_user_error_in_one_line():
 
 
 def test_shape_bytes_of_hlo_result_types():
-    assert aot.shape_bytes("f32[8,4]{1,0}") == 128
-    assert aot.shape_bytes("(f32[8,4]{1,0:T(8,128)}, bf16[2]{0}, pred[3])") == 128 + 4 + 3
-    assert aot.shape_bytes("s32[]") == 4
+    assert xla_analysis.shape_bytes("f32[8,4]{1,0}") == 128
+    assert xla_analysis.shape_bytes("(f32[8,4]{1,0:T(8,128)}, bf16[2]{0}, pred[3])") == 128 + 4 + 3
+    assert xla_analysis.shape_bytes("s32[]") == 4
 
 
 @pytest.mark.parametrize(
@@ -319,7 +319,8 @@ def test_shape_bytes_of_hlo_result_types():
     ],
 )
 def test_replica_groups(text, groups):
-    assert aot.replica_groups(f"%x = f32[4] all-reduce(%y), {text}, to_apply=%add", 4) == groups
+    line = f"%x = f32[4] all-reduce(%y), {text}, to_apply=%add"
+    assert xla_analysis.replica_groups(line, 4) == groups
 
 
 class _Device:
@@ -342,7 +343,7 @@ def test_collectives_count_bytes_and_hosts():
             "  %d = f32[100]{0} add(%a, %a)",
         ]
     )
-    assert aot.collectives(hlo, mesh) == {
+    assert xla_analysis.collectives(hlo, mesh) == {
         "count": 2,
         "bytes": 400 + 60,
         "cross_host_count": 1,
@@ -681,3 +682,58 @@ def test_out_of_memory_is_one_test_for_aot_and_the_benchmark():
     assert xla_analysis.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2GiB"))
     assert xla_analysis.is_oom(ValueError("XLA:TPU compile permanent error. Ran out of memory"))
     assert not xla_analysis.is_oom(ValueError("incompatible shapes"))
+
+
+def _prepare_then_loop(prepare, n, unroll):
+    """A sampler's shape: `prepare` the weights once (a scale, a cast to bfloat16), then a
+    product with them in each of n steps, `unroll` steps per turn of the loop (True: all,
+    no loop)."""
+
+    def fn(w, x):
+        w = prepare(w)
+        step = lambda c, _: ((c.astype(w.dtype) @ w).astype(jnp.float32), None)
+        return jax.lax.scan(step, x, None, n, unroll=unroll)[0]
+
+    return jax.jit(fn)
+
+
+def _per_call_and_truth(key, prepare, n, shapes, compile_):
+    """`per_call` of `key` from the program and its twin (2 steps per turn), the factor's
+    answer, and the count of the loop-free program (fully unrolled): the truth."""
+    once, twin, unrolled = (
+        float(xla_analysis.cost(compile_(_prepare_then_loop(prepare, n, u), shapes))[key])
+        for u in (1, 2, True)
+    )
+    return xla_analysis.per_call(once, twin, n, 2), n * once, unrolled
+
+
+@pytest.mark.parametrize("n", [9, 10])
+def test_per_call_counts_the_work_before_a_loop_once(n):
+    """XLA:CPU, FLOPs: a 256x256 scale before a loop of n 8x256x256 products. The program and
+    its unrolled twin give the loop-free program's FLOPs exactly (odd n: jax runs the last
+    step after the loop); scaling by the trips counts the scale n times."""
+    shapes = [(256, 256), (8, 256)]
+    compile_ = lambda fn, s: fn.lower(*[jax.ShapeDtypeStruct(x, np.float32) for x in s]).compile()
+    ours, factor, truth = _per_call_and_truth("flops", lambda w: w * 2.0 + 1.0, n, shapes, compile_)
+    assert ours == pytest.approx(truth, rel=1e-6)
+    assert factor > truth + (n - 1) * 256**2  # the scale's 2 x 256^2 FLOPs counted n times
+    with pytest.raises(ValueError, match="no loop"):
+        xla_analysis.per_call(1.0, 2.0, 3, 2)
+
+
+@needs_libtpu
+def test_per_call_estimate_of_a_cast_before_a_loop_on_a_v3_8():
+    """The TPU compiler's time estimate: a float32 -> bfloat16 cast of a 2048x2048 matrix (a
+    sampler's parameters) before 9 products with it. From the program and its twin, the
+    loop-free program's estimate within 5%; the factor's is off by more than half."""
+    topo = aot.get_topology("v3-8")
+    sharding = jax.sharding.NamedSharding(topo.mesh(), jax.sharding.PartitionSpec())
+    compile_ = lambda fn, shapes: fn.lower(
+        *[jax.ShapeDtypeStruct(s, np.float32, sharding=sharding) for s in shapes]
+    ).compile()
+    cast = lambda w: w.astype(jnp.bfloat16)
+    ours, factor, truth = _per_call_and_truth(
+        "optimal_seconds", cast, 9, [(2048, 2048), (128, 2048)], compile_
+    )
+    assert ours == pytest.approx(truth, rel=0.05)
+    assert factor > 1.5 * truth

@@ -60,13 +60,16 @@ def make_sampler(
     batch: int,
     respacing: str,
     snapshot_every: int = 0,
+    unroll: int = 1,
 ) -> Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]:
     """A jitted `(params, key, labels [B]) -> {'sample': [B, ...], ...}` with the batch sharded
     over the mesh, running the sampler of `config.sampling` (`sampling.registry.build`; a
     non-empty `respacing` selects the chain, '' the configured `sampling.num_steps` or the full
     chain) through `sampling.run.sample`. `sampling.clip_denoised` clips x0_hat for every
     sampler (images only). `snapshot_every` = k adds 'snapshots' [S, B, ...] of x0_hat every
-    k steps (`registry.build(...).num_steps` counts the steps) and 'snapshot_timesteps' [S]."""
+    k steps (`registry.build(...).num_steps` counts the steps) and 'snapshot_timesteps' [S].
+    `unroll`: steps per iteration of the sampler's loop (the same samples; the TPU compile
+    check compiles a twin with 2 to tell the loop's cost from the rest, `tools.aot`)."""
     stepper = registry.build(config, respacing)
     shape = sample_shape(config, batch)
     clip = bool(config.sampling.clip_denoised) and config.data.name != "swissroll"
@@ -74,7 +77,9 @@ def make_sampler(
     def draw(params, key, labels):
         fn = denoise_fn(config, apply, params, labels if config.model.num_classes else None)
         predict = run.make_predict(fn, config.diffusion.model_output, clip)
-        return run.sample(stepper, predict, shape, key, snapshot_every=snapshot_every)
+        return run.sample(
+            stepper, predict, shape, key, snapshot_every=snapshot_every, unroll=unroll
+        )
 
     sharded = distributed.batch_sharded(mesh)
     repl = distributed.replicated(mesh)

@@ -70,8 +70,10 @@ def sample(
     x_init: jax.Array | None = None,
     snapshot_every: int = 0,
     noise_fn: NoiseFn = _normal,
+    unroll: int = 1,
 ) -> dict[str, jax.Array]:
-    """Runs `stepper` from x_T ~ N(0, I) of `shape` (or `x_init`) through its whole table.
+    """Runs `stepper` from x_T ~ N(0, I) of `shape` (or `x_init`) through its whole table, in
+    one `lax.scan` over its rows with `unroll` of them per loop iteration.
 
     Returns {'sample'}; with `snapshot_every` = k also 'snapshots' [S, B, ...], x0_hat at the
     start of every row whose position p has p % k == 0, noisiest first (DDPM Fig. 6), and
@@ -97,7 +99,8 @@ def sample(
             buf = jax.lax.dynamic_update_index_in_dim(buf, x0.astype(buf.dtype), slot, 0)
         return (c, buf), None
 
-    (c, buf), _ = jax.lax.scan(body, (stepper.init(x), buf), device_rows(stepper.rows))
+    rows = device_rows(stepper.rows)
+    (c, buf), _ = jax.lax.scan(body, (stepper.init(x), buf), rows, unroll=unroll)
     result = {"sample": stepper.sample(c)}
     if every:
         hit = positions % every == 0

@@ -17,11 +17,13 @@ topologies`, as MaxText's `train_compile`), the programs a run calls, from Shape
 
 Per program and per device: argument, temporary, output and code bytes (`memory_analysis`)
 and the bytes resident beside the program (the preview's train state) against the chip's
-HBM, FLOPs and bytes accessed (`cost_analysis`, times `loop_factor`), the compiler's
+HBM, FLOPs and bytes accessed (`cost_analysis`, times `loop_factor`; for the samplers, whose
+work before their loop, e.g. casting the parameters to bfloat16, runs once, `per_call` from a
+twin compiled with two steps per loop iteration), the compiler's
 cost-model time per call (`optimal_seconds`, an ESTIMATE, not a measurement), the rate it
 implies, the MFU it implies against the chip's bf16 peak, and the collectives. A program that
-does not fit exits 1 naming it. Chip facts, memory peak, out-of-memory detection and the loop
-correction: `xla_analysis` (shared with the benchmark).
+does not fit exits 1 naming it. Chip facts, memory peak, out-of-memory detection, the loop
+correction and the reading of the HLO: `xla_analysis` (shared with the benchmark).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from jax.sharding import Mesh  # noqa: E402
 
 from diffusion_jax import input_pipeline
 from diffusion_jax.runtime import distributed, errors, paths
-from diffusion_jax.sampling import generation
+from diffusion_jax.sampling import generation, registry
 from diffusion_jax.tools import xla_analysis
 from diffusion_jax.training import state as state_lib  # noqa: E402
 from diffusion_jax.training import tasks
@@ -79,7 +81,6 @@ TOPOLOGIES = {
 
 
 PROGRAMS = ("train", "preview", "sample", "bpd", "ode_bpd", "inception")
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,21 @@ class Program:
     unit: str  # what `units` counts
     mesh: Mesh
     resident: int = 0  # bytes per device on the devices beside it (the preview's train state)
+    twin: Any = None  # the same program with TWIN_UNROLL iterations per turn of its loop
+    trips: int = 0  # how often its loop turns
+
+
+TWIN_UNROLL = 2
+
+
+def _sampler(name: str, make: Callable[[int], Any], trips: int, *rest: Any) -> Program:
+    """A sampler's Program (`make(unroll)` builds it) with its unrolled twin."""
+    twin = make(TWIN_UNROLL) if trips >= 2 * TWIN_UNROLL else None
+    return Program(name, make(1), *rest, twin=twin, trips=trips)
+
+
+def _trips(config: ml_collections.ConfigDict, respacing: str) -> int:
+    return len(registry.build(config, respacing).rows["position"])
 
 
 def _abstract(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
@@ -207,16 +223,22 @@ def build_programs(
     if "preview" in names and int(config.training.sample_every) > 0:
         per_call = int(config.training.steps_per_call)
         step = min(_round_up(config.training.sample_every, per_call), task.total_steps)
-        fn = tasks.preview_sampler(task, apply, mesh, step)
+        make = lambda unroll: tasks.preview_sampler(task, apply, mesh, step, unroll)
+        trips = _trips(task.sampling_config(step), task.preview_respacing)
         b = int(config.sampling.preview_num)
         args = (ema, key, _abstract((b,), np.int32, sharded))
         resident = device_bytes(state) - (0 if split else device_bytes(ema))
-        programs.append(Program("preview", fn, args, b, "samples", mesh, resident))
+        programs.append(_sampler("preview", make, trips, args, b, "samples", mesh, resident))
     if "sample" in names:
         b = int(config.sampling.batch_size)
-        fn = generation.make_sampler(config, apply, mesh, b, config.sampling.respacing)
-        labels = _abstract((b,), np.int32, sharded)
-        programs.append(Program("sample", fn, (ema, key, labels), b, "samples", mesh))
+        respacing = config.sampling.respacing
+        make = lambda unroll: generation.make_sampler(
+            config, apply, mesh, b, respacing, unroll=unroll
+        )
+        args = (ema, key, _abstract((b,), np.int32, sharded))
+        programs.append(
+            _sampler("sample", make, _trips(config, respacing), args, b, "samples", mesh)
+        )
     from diffusion_jax.evaluation import bpd, evaluators, ode_bpd
 
     def eval_args(batch: int) -> tuple[Any, ...]:
@@ -260,71 +282,6 @@ def build_programs(
 # What the compiler says
 
 
-_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([\d,]*)\]")
-_BITS = {"pred": 8, "f16": 16, "bf16": 16, "f32": 32, "f64": 64}
-_GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
-_GROUPS_LIST = re.compile(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}")
-
-
-def shape_bytes(text: str) -> int:
-    """Bytes of every array type in an HLO result type, e.g. '(f32[8,4], bf16[2])' -> 132."""
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        bits = _BITS[dtype] if dtype in _BITS else int(dtype[1:])
-        total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
-    return total
-
-
-def replica_groups(line: str, num_devices: int) -> list[list[int]]:
-    """The device groups of one HLO collective (list or iota form); all devices if none."""
-    m = _GROUPS_IOTA.search(line)
-    if m:
-        shape = [int(x) for x in m.group(1).split(",")]
-        ids = np.arange(math.prod(shape)).reshape([int(x) for x in m.group(2).split(",")])
-        if m.group(3):
-            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
-        return ids.reshape(shape).tolist()
-    m = _GROUPS_LIST.search(line)
-    if m:
-        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m[1])]
-    return [list(range(num_devices))]
-
-
-def collectives(hlo: str, mesh: Mesh) -> dict[str, Any]:
-    """Collectives in a compiled program's HLO: count and result bytes per device, in all, per
-    element type and for those whose device groups span several hosts (each op counted once:
-    a scan's body once, i.e. per step). Asynchronous pairs count by their '-start' op."""
-    owner = [d.process_index for d in mesh.devices.flat]
-    out = dict(count=0, bytes=0, cross_host_count=0, cross_host_bytes=0, ops={}, dtypes={})
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (.+?) ([a-z\-]+)\(", line)
-        if not m:
-            continue
-        op = m.group(2).removesuffix("-start")
-        if op not in COLLECTIVES or m.group(2).endswith("-done"):
-            continue
-        size = shape_bytes(m.group(1))
-        groups = replica_groups(line, mesh.size)
-        cross = any(len({owner[i] for i in g if i < len(owner)}) > 1 for g in groups)
-        out["count"] += 1
-        out["bytes"] += size
-        out["ops"][op] = out["ops"].get(op, 0) + 1
-        for dtype, dims in _SHAPE.findall(m.group(1)):
-            out["dtypes"][dtype] = out["dtypes"].get(dtype, 0) + shape_bytes(f"{dtype}[{dims}]")
-        if cross:
-            out["cross_host_count"] += 1
-            out["cross_host_bytes"] += size
-    return out
-
-
-def largest_buffers(hlo: str, top: int = 3) -> list[tuple[str, int]]:
-    """The `top` largest values (per device) defined in a compiled program's HLO."""
-    sizes = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+\[[\d,]*\]\S*|\([^=]*?\)) ", hlo, re.M):
-        sizes[m.group(1)] = max(sizes.get(m.group(1), 0), shape_bytes(m.group(2)))
-    return sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
-
-
 def analyse(program: Program, topo: Topology) -> dict[str, Any]:
     """Compiles `program` and returns its row (see the module doc); UserError when the
     compiler runs out of the device's memory."""
@@ -336,7 +293,7 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
         if not xla_analysis.is_oom(e):
             raise
         text = str(e)
-        largest = largest_buffers(lowered.as_text(dialect="hlo"))
+        largest = xla_analysis.largest_buffers(lowered.as_text(dialect="hlo"))
         raise errors.UserError(
             f"{program.name} does not fit {topo.name} ({topo.hbm_bytes / GiB:.1f} GiB HBM per "
             f"device): {' '.join(text.split())[:300]} Largest arrays (global shapes): "
@@ -350,7 +307,15 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
     hlo = compiled.as_text()
     factor = xla_analysis.loop_factor(hlo)  # the cost analysis counts a loop body once
     estimate = estimated_seconds(cost.get("optimal_seconds"), factor)
-    flops = factor * float(cost.get("flops", 0.0))
+    count = lambda key: factor * float(cost.get(key, 0.0))
+    if program.twin is not None:  # the rest of the program counted once, the loop `trips` times
+        twin = xla_analysis.cost(program.twin.lower(*program.args).compile())
+        count = lambda key: xla_analysis.per_call(
+            float(cost.get(key, 0.0)), float(twin.get(key, 0.0)), program.trips, TWIN_UNROLL
+        )
+        if estimate is not None:
+            estimate = estimated_seconds(count("optimal_seconds"), 1.0)
+    flops = count("flops")
     return {
         "program": program.name,
         "topology": topo.name,
@@ -366,7 +331,7 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
         "hbm_bytes": topo.hbm_bytes,
         "fits": peak <= topo.hbm_bytes,
         "flops": flops,
-        "bytes_accessed": factor * float(cost.get("bytes accessed", 0.0)),
+        "bytes_accessed": count("bytes accessed"),
         "loop_factor": factor,
         "estimated_seconds": estimate,
         "per_second": program.units / estimate if estimate else None,
@@ -374,8 +339,8 @@ def analyse(program: Program, topo: Topology) -> dict[str, Any]:
         "units_per_call": program.units,
         "mfu": flops / estimate / topo.peak_flops if estimate else None,
         "compile_seconds": seconds,
-        "collectives": collectives(hlo, program.mesh),
-        "largest_buffers": largest_buffers(hlo),
+        "collectives": xla_analysis.collectives(hlo, program.mesh),
+        "largest_buffers": xla_analysis.largest_buffers(hlo),
     }
 
 

@@ -1,6 +1,7 @@
 """What XLA says of a compiled program, read one way for `aot` and `benchmark`: the chip
-table (HBM and bf16 peak), the memory a call holds at its peak, out-of-memory errors, and
-the loop correction of the cost analysis's FLOPs. No JAX import: it reads the objects it is
+table (HBM and bf16 peak), the memory a call holds at its peak, out-of-memory errors, the
+loop correction of the cost analysis (`loop_factor`, `per_call`), and what a program's HLO
+text holds (array bytes, collectives, its largest values). No JAX import: it reads the objects it is
 given (the benchmark's PyTorch peer imports it through `benchmark.timing`).
 
 The chips (`CHIPS`, per chip; `Chip.devices` JAX devices share one chip evenly):
@@ -256,6 +257,19 @@ def loop_factor(hlo: str) -> float:
     return per_call / once if once else 1.0
 
 
+def per_call(once: float, unrolled: float, trips: int, unroll: int) -> float:
+    """One call's count (FLOPs, bytes, seconds) of a program whose single loop runs `trips`
+    times, from XLA's counts, which take a loop body once: `once` of the program (the rest +
+    one body) and `unrolled` of its twin whose loop body holds `unroll` iterations (the rest +
+    `unroll` bodies + `trips % unroll` more, which jax runs after the loop). The result, the
+    rest + `trips` bodies, counts the work outside the loop once (`loop_factor` scales it by
+    the loop's trips too: a sampler's cast of the parameters to bfloat16, a thousand times)."""
+    if trips < 2 * unroll:
+        raise ValueError(f"{trips} trips leave no loop when unrolled {unroll} times")
+    body = (unrolled - once) / (unroll + trips % unroll - 1)
+    return once + (trips - 1) * body
+
+
 def cost(compiled: Any) -> dict[str, float]:
     """XLA's cost analysis of a compiled (or lowered) program as one dict ({} where the
     backend gives none); a loop body is counted once (`loop_factor`)."""
@@ -266,3 +280,72 @@ def cost(compiled: Any) -> dict[str, float]:
     if isinstance(analysis, list | tuple):  # older jax: one dict per program
         analysis = analysis[0] if analysis else {}
     return dict(analysis or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# HLO text: array bytes, collectives, the largest values
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([\d,]*)\]")
+_BITS = {"pred": 8, "f16": 16, "bf16": 16, "f32": 32, "f64": 64}
+_GROUPS_IOTA = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_GROUPS_LIST = re.compile(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}")
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of every array type in an HLO result type, e.g. '(f32[8,4], bf16[2])' -> 132."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        bits = _BITS[dtype] if dtype in _BITS else int(dtype[1:])
+        total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+    return total
+
+
+def replica_groups(line: str, num_devices: int) -> list[list[int]]:
+    """The device groups of one HLO collective (list or iota form); all devices if none."""
+    m = _GROUPS_IOTA.search(line)
+    if m:
+        shape = [int(x) for x in m.group(1).split(",")]
+        ids = np.arange(math.prod(shape)).reshape([int(x) for x in m.group(2).split(",")])
+        if m.group(3):
+            ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        return ids.reshape(shape).tolist()
+    m = _GROUPS_LIST.search(line)
+    if m:
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m[1])]
+    return [list(range(num_devices))]
+
+
+def collectives(hlo: str, mesh: Any) -> dict[str, Any]:
+    """Collectives in a compiled program's HLO: count and result bytes per device, in all, per
+    element type and for those whose device groups span several hosts (each op counted once:
+    a scan's body once, i.e. per step). Asynchronous pairs count by their '-start' op."""
+    owner = [d.process_index for d in mesh.devices.flat]
+    out = dict(count=0, bytes=0, cross_host_count=0, cross_host_bytes=0, ops={}, dtypes={})
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (.+?) ([a-z\-]+)\(", line)
+        if not m:
+            continue
+        op = m.group(2).removesuffix("-start")
+        if op not in COLLECTIVES or m.group(2).endswith("-done"):
+            continue
+        size = shape_bytes(m.group(1))
+        groups = replica_groups(line, mesh.size)
+        cross = any(len({owner[i] for i in g if i < len(owner)}) > 1 for g in groups)
+        out["count"] += 1
+        out["bytes"] += size
+        out["ops"][op] = out["ops"].get(op, 0) + 1
+        for dtype, dims in _SHAPE.findall(m.group(1)):
+            out["dtypes"][dtype] = out["dtypes"].get(dtype, 0) + shape_bytes(f"{dtype}[{dims}]")
+        if cross:
+            out["cross_host_count"] += 1
+            out["cross_host_bytes"] += size
+    return out
+
+
+def largest_buffers(hlo: str, top: int = 3) -> list[tuple[str, int]]:
+    """The `top` largest values (per device) defined in a compiled program's HLO."""
+    sizes = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+\[[\d,]*\]\S*|\([^=]*?\)) ", hlo, re.M):
+        sizes[m.group(1)] = max(sizes.get(m.group(1), 0), shape_bytes(m.group(2)))
+    return sorted(sizes.items(), key=lambda kv: -kv[1])[:top]

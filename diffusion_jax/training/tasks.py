@@ -171,7 +171,7 @@ def for_config(config: ml_collections.ConfigDict) -> Training:
 
 
 def preview_sampler(
-    task: Training, apply: Callable[..., jax.Array], mesh: Mesh, step: int
+    task: Training, apply: Callable[..., jax.Array], mesh: Mesh, step: int, unroll: int = 1
 ) -> Sampler:
     """The jitted sampler of the training preview after `step` updates: `sampling.
     preview_num` samples from the model of that step (`task.sampling_config`)."""
@@ -181,4 +181,5 @@ def preview_sampler(
         mesh,
         task.config.sampling.preview_num,
         task.preview_respacing,
+        unroll=unroll,
     )
