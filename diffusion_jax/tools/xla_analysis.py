@@ -1,8 +1,8 @@
-"""What XLA says of a compiled program, read one way for `aot` and `benchmark`: the chip
-table (HBM and bf16 peak), the memory a call holds at its peak, out-of-memory errors, the
-loop correction of the cost analysis (`loop_factor`, `per_call`), and what a program's HLO
-text holds (array bytes, collectives, its largest values). No JAX import: it reads the objects it is
-given (the benchmark's PyTorch peer imports it through `benchmark.timing`).
+"""What XLA says of a compiled program, read one way for `aot` and `benchmark`: the chip table
+(HBM and bf16 peak), the memory a call holds at its peak, out-of-memory errors, the loop
+correction of the cost analysis (`loop_factor`, `per_call`), and what a program's HLO text
+holds (array bytes, collectives, its largest values). No JAX import: it reads the objects it
+is given (the benchmark's PyTorch peer imports it through `benchmark.timing`).
 
 The chips (`CHIPS`, per chip; `Chip.devices` JAX devices share one chip evenly):
 
