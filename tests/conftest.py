@@ -5,6 +5,9 @@ XLA_FLAGS must be set before jax is imported anywhere, which is why this lives i
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -74,6 +77,38 @@ def tiny_mlp_config(**overrides):
 def tree_allclose(a, b, atol):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+def interrupt_then_finish(args, stops, timeout=600):
+    """Runs `python -m diffusion_jax.main *args` once per (line prefix, signal) of `stops`,
+    sending the signal when a printed line starts with the prefix (SIGKILL: it dies; SIGTERM:
+    it saves, says so and exits 0), then once more to the end; returns that run's output,
+    which resumed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    start = lambda: subprocess.Popen(
+        [sys.executable, "-m", "diffusion_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for at, sig in stops:
+        proc, lines = start(), []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(at):
+                proc.send_signal(sig)
+                break
+        lines.append(proc.communicate(timeout=120)[0])
+        text = "".join(lines)
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL, text
+        else:
+            assert proc.returncode == 0 and "Stopped at step" in text, text
+    out = start().communicate(timeout=timeout)[0]
+    assert "Resumed from" in out, out
+    return out
 
 
 def restore_state(config, workdir, step=None):

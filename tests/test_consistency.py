@@ -4,7 +4,6 @@ the target, students of an exact Gaussian teacher that learn its known consisten
 the samplers against hand computation, bit-identical resumption, and one-line refusals."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, restore_state, tiny_mlp_config, tree_allclose
+from conftest import (
+    REPO,
+    interrupt_then_finish,
+    restore_state,
+    tiny_mlp_config,
+    tree_allclose,
+)
 
 from configs import digits_consistency, swissroll
 from diffusion_jax.diffusion import consistency as cm
@@ -314,33 +319,15 @@ def test_sigterm_and_kill_9_then_resume_equal_the_uninterrupted_run(teacher, stu
     """`--mode consistency` stopped by SIGTERM after step 2 (saves and exits), then killed
     with SIGKILL after step 4, then run to the end: bitwise the uninterrupted run's state."""
     args = [
-        sys.executable,
-        "-m",
-        "diffusion_jax.main",
         "--mode=consistency",
         f"--config={REPO / 'configs/swissroll.py'}",
         f"--workdir={tmp_path}",
         f"--config.consistency.teacher_workdir={teacher}",
         *(f"--config.{k}={v}" for k, v in STUDENT.items()),
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    start = lambda: subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    for at, sig, code in (("step 2/6", signal.SIGTERM, 0), ("step 4/6", signal.SIGKILL, None)):
-        proc, lines = start(), []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith(at):
-                proc.send_signal(sig)
-                break
-        lines.append(proc.communicate(timeout=120)[0])
-        if code is None:
-            assert proc.returncode == -signal.SIGKILL, "".join(lines)
-        else:
-            assert proc.returncode == code and "Stopped at step" in "".join(lines), "".join(lines)
-    out = start().communicate(timeout=600)[0]
-    assert "Resumed from" in out and "step 6/6" in out, out
+    stops = [("step 2/6", signal.SIGTERM), ("step 4/6", signal.SIGKILL)]
+    out = interrupt_then_finish(args, stops)
+    assert "step 6/6" in out, out
     config = _student_config(teacher)
     tree_allclose(restore_state(config, student, 6), restore_state(config, tmp_path, 6), atol=0)
 

@@ -5,18 +5,21 @@ updates per call, and a student's workdir samples and evaluates with its own ste
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, restore_state, tiny_mlp_config, tree_allclose
+from conftest import (
+    REPO,
+    interrupt_then_finish,
+    restore_state,
+    tiny_mlp_config,
+    tree_allclose,
+)
 
 from configs import digits_distill, swissroll
 from diffusion_jax.diffusion import process
@@ -284,29 +287,14 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(teacher, student, tmp_p
     """`--mode distill` killed with SIGKILL inside round 1 (checkpoint 4 may still be in
     flight, step 5 is lost) and restarted ends bitwise where the uninterrupted run did."""
     args = [
-        sys.executable,
-        "-m",
-        "diffusion_jax.main",
         "--mode=distill",
         f"--config={REPO / 'configs/swissroll.py'}",
         f"--workdir={tmp_path}",
         f"--config.distill.teacher_workdir={teacher}",
         *(f"--config.{k}={v}" for k, v in STUDENT.items()),
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    run = lambda: subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    proc, lines = run(), []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 5/6"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(lines)
-    out = run().communicate(timeout=600)[0]
-    assert "Resumed from" in out and "step 6/6" in out, out
+    out = interrupt_then_finish(args, [("step 5/6", signal.SIGKILL)])
+    assert "step 6/6" in out, out
     config = _student_config(teacher)
     tree_allclose(restore_state(config, student, 6), restore_state(config, tmp_path, 6), atol=0)
 
