@@ -407,6 +407,22 @@ def test_sharded_equals_unsharded_and_traced_once(devices, name):
     assert traced == 2 * sites and set(traces) == {(32, 2, 2, 1)}
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_two_steps_per_loop_turn_draw_the_same_samples(devices, name):
+    """`make_sampler(unroll=2)`, the twin `tools.aot` compiles to count a sampler's loop: the
+    same samples and snapshots as one step per turn, at 7 steps (the last runs after the
+    loop), to float32 rounding (XLA fuses the two-step body differently; DPM-Solver-3
+    amplifies that, as above)."""
+    config = sampler_config(num_steps=7, **CASES[name])
+    mesh = Mesh(np.array(devices[:1]), ("data",))
+    labels, key = jnp.zeros(4, jnp.int32), jax.random.PRNGKey(0)
+    draw = lambda unroll: generation.make_sampler(
+        config, fake_apply([]), mesh, 4, "", 2, unroll=unroll
+    )(PARAMS, key, labels)
+    for a, b in zip(jax.tree.leaves(draw(1)), jax.tree.leaves(draw(2)), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=5e-5, err_msg=name)
+
+
 def _num_eqns(jaxpr) -> int:
     """Equations of a jaxpr, counting those of nested jaxprs (scan bodies, switch branches)."""
     total = 0
