@@ -47,6 +47,7 @@ KEYS = {
     "fits",
     "flops",
     "bytes_accessed",
+    "loop_counting",
     "estimated_seconds",
     "per_second",
     "compile_seconds",
@@ -92,6 +93,8 @@ def test_rows_for_a_v3_8_have_the_documented_keys_and_the_cpu_flops(v3_8, device
         assert row["per_second"] == pytest.approx(row["units_per_call"] / row["estimated_seconds"])
     # The chain sampler and bits/dim scan the 1000 timesteps; training is one step.
     assert [v3_8[name]["loop_factor"] for name in PROGRAMS] == [1, 1000, 1000]
+    # the sampler's rest counted once (its unrolled twin), the others by the factor
+    assert [v3_8[name]["loop_counting"] for name in PROGRAMS] == ["factor", "twin", "factor"]
 
     # The same programs, compiled by XLA:CPU for 8 simulated devices at the same batch:
     # the TPU compiler counts the same FLOPs per device (within 10%).
@@ -684,30 +687,35 @@ def test_out_of_memory_is_one_test_for_aot_and_the_benchmark():
     assert not xla_analysis.is_oom(ValueError("incompatible shapes"))
 
 
-def _prepare_then_loop(prepare, n, unroll):
-    """A sampler's shape: `prepare` the weights once (a scale, a cast to bfloat16), then a
-    product with them in each of n steps, `unroll` steps per turn of the loop (True: all,
-    no loop)."""
+def _prepare_then_loop(prepare, n, unroll, inside=False):
+    """A sampler's shape: `prepare` the weights (a scale, a cast to bfloat16) once before a
+    loop of n products with them, or `inside` each step (as the model casts its kernels, which
+    XLA hoists), `unroll` steps per turn of the loop (True: all, no loop)."""
 
     def fn(w, x):
-        w = prepare(w)
-        step = lambda c, _: ((c.astype(w.dtype) @ w).astype(jnp.float32), None)
+        w = w if inside else prepare(w)
+        ready = prepare if inside else (lambda w: w)
+
+        def step(c, _):
+            v = ready(w)
+            return (c.astype(v.dtype) @ v).astype(jnp.float32), None
+
         return jax.lax.scan(step, x, None, n, unroll=unroll)[0]
 
     return jax.jit(fn)
 
 
-def _per_call_and_truth(key, prepare, n, shapes, compile_):
+def _per_call_and_truth(key, prepare, n, shapes, compile_, inside=False):
     """`per_call` of `key` from the program and its twin (2 steps per turn), the factor's
     answer, and the count of the loop-free program (fully unrolled): the truth."""
     once, twin, unrolled = (
-        float(xla_analysis.cost(compile_(_prepare_then_loop(prepare, n, u), shapes))[key])
+        float(xla_analysis.cost(compile_(_prepare_then_loop(prepare, n, u, inside), shapes))[key])
         for u in (1, 2, True)
     )
     return xla_analysis.per_call(once, twin, n, 2), n * once, unrolled
 
 
-@pytest.mark.parametrize("n", [9, 10])
+@pytest.mark.parametrize("n", [2, 3, 9, 10])
 def test_per_call_counts_the_work_before_a_loop_once(n):
     """XLA:CPU, FLOPs: a 256x256 scale before a loop of n 8x256x256 products. The program and
     its unrolled twin give the loop-free program's FLOPs exactly (odd n: jax runs the last
@@ -717,15 +725,17 @@ def test_per_call_counts_the_work_before_a_loop_once(n):
     ours, factor, truth = _per_call_and_truth("flops", lambda w: w * 2.0 + 1.0, n, shapes, compile_)
     assert ours == pytest.approx(truth, rel=1e-6)
     assert factor > truth + (n - 1) * 256**2  # the scale's 2 x 256^2 FLOPs counted n times
-    with pytest.raises(ValueError, match="no loop"):
-        xla_analysis.per_call(1.0, 2.0, 3, 2)
+    with pytest.raises(ValueError, match="no twin"):
+        xla_analysis.per_call(1.0, 2.0, 1, 2)
 
 
 @needs_libtpu
-def test_per_call_estimate_of_a_cast_before_a_loop_on_a_v3_8():
+@pytest.mark.parametrize("inside", [False, True])
+def test_per_call_estimate_of_a_cast_before_a_loop_on_a_v3_8(inside):
     """The TPU compiler's time estimate: a float32 -> bfloat16 cast of a 2048x2048 matrix (a
-    sampler's parameters) before 9 products with it. From the program and its twin, the
-    loop-free program's estimate within 5%; the factor's is off by more than half."""
+    sampler's parameters) before 9 products with it, or written inside each step (as the
+    U-Net's layers cast their kernels; the compiler hoists it). From the program and its twin,
+    the loop-free program's estimate within 5%; the factor's is off by more than half."""
     topo = aot.get_topology("v3-8")
     sharding = jax.sharding.NamedSharding(topo.mesh(), jax.sharding.PartitionSpec())
     compile_ = lambda fn, shapes: fn.lower(
@@ -733,7 +743,38 @@ def test_per_call_estimate_of_a_cast_before_a_loop_on_a_v3_8():
     ).compile()
     cast = lambda w: w.astype(jnp.bfloat16)
     ours, factor, truth = _per_call_and_truth(
-        "optimal_seconds", cast, 9, [(2048, 2048), (128, 2048)], compile_
+        "optimal_seconds", cast, 9, [(2048, 2048), (128, 2048)], compile_, inside
     )
     assert ours == pytest.approx(truth, rel=0.05)
     assert factor > 1.5 * truth
+
+
+class _Fake:
+    """A stand-in jitted program: `.lower(*args).compile()` gives `cost` or raises `error`."""
+
+    def __init__(self, cost=None, error=None):
+        self.cost, self.error = cost, error
+
+    def lower(self, *args):
+        return self
+
+    def compile(self):
+        if self.error is not None:
+            raise self.error
+        return types.SimpleNamespace(cost_analysis=lambda: self.cost)
+
+
+def test_a_twin_that_does_not_fit_or_counts_less_falls_back_to_the_factor():
+    """The twin only refines the estimate: one that runs out of memory, or whose counts are
+    below the program's (impossible for more loop bodies), leaves the loop factor to count;
+    any other compile error is a bug and propagates."""
+    cost = {"flops": 10.0, "bytes accessed": 5.0, "optimal_seconds": 1.0}
+    program = lambda twin: aot.Program("sample", None, (), 8, "samples", None, twin=twin, trips=9)
+    more = {k: 2 * v for k, v in cost.items()}
+    assert aot._twin_cost(program(_Fake(more)), cost) == more
+    assert aot._twin_cost(program(None), cost) is None
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 2GiB")
+    assert aot._twin_cost(program(_Fake(error=oom)), cost) is None
+    assert aot._twin_cost(program(_Fake({**more, "optimal_seconds": 0.5})), cost) is None
+    with pytest.raises(ValueError, match="bug"):
+        aot._twin_cost(program(_Fake(error=ValueError("a bug"))), cost)

@@ -263,9 +263,10 @@ def per_call(once: float, unrolled: float, trips: int, unroll: int) -> float:
     one body) and `unrolled` of its twin whose loop body holds `unroll` iterations (the rest +
     `unroll` bodies + `trips % unroll` more, which jax runs after the loop). The result, the
     rest + `trips` bodies, counts the work outside the loop once (`loop_factor` scales it by
-    the loop's trips too: a sampler's cast of the parameters to bfloat16, a thousand times)."""
-    if trips < 2 * unroll:
-        raise ValueError(f"{trips} trips leave no loop when unrolled {unroll} times")
+    the loop's trips too: a sampler's cast of the parameters to bfloat16, a thousand times).
+    Exact for any `trips` >= `unroll` (jax unrolls a single turn without a loop)."""
+    if trips < unroll:
+        raise ValueError(f"a loop of {trips} trips has no twin with {unroll} per turn")
     body = (unrolled - once) / (unroll + trips % unroll - 1)
     return once + (trips - 1) * body
 
