@@ -25,9 +25,9 @@ from configs import digits_consistency, swissroll
 from diffusion_jax.diffusion import consistency as cm
 from diffusion_jax.diffusion import process as process_lib
 from diffusion_jax.evaluation import job, sample_job
-from diffusion_jax.runtime import errors, streams
+from diffusion_jax.runtime import distributed, errors, streams
 from diffusion_jax.sampling import registry
-from diffusion_jax.training import checkpoint, config_checks, consistency_step, loop
+from diffusion_jax.training import checkpoint, config_checks, consistency_step, loop, tasks
 from diffusion_jax.training import state as state_lib
 
 MU = np.array([0.5, -0.3, 0.1])
@@ -312,6 +312,29 @@ def test_the_student_starts_from_the_teacher_and_keeps_each_stage(teacher, stude
     )
     assert max(moved) > 0
     assert {2, 4, 6} <= set(checkpoint.checkpoint_steps(student))  # every stage's last
+
+
+@pytest.mark.parametrize(
+    "overrides, slots",
+    [
+        ({}, ("teacher_params", "target_params")),  # distillation with an EMA target
+        ({"consistency.method": "tuning", "consistency.target_decay": 0.0}, ()),
+    ],
+)
+def test_a_fresh_run_starts_every_copy_from_the_teachers_ema(teacher, overrides, slots):
+    """`tasks.Consistency.first_state`: student, EMA and the state's teacher and target slots
+    (where the run has them; tuning without a target has neither) all equal the teacher's EMA
+    parameters, and the optimiser starts at zero moments."""
+    config = _student_config(teacher, **overrides)
+    _, _, state, tx = state_lib.init_train_state(config)
+    task = tasks.for_config(config)
+    first = task.first_state(state, tx, distributed.make_mesh())
+    taught = restore_state(tiny_mlp_config(training__num_train_steps=2), teacher, 2).ema_params
+    for name in ("params", "ema_params", *slots):
+        tree_allclose(getattr(first, name), taught, atol=0)
+    for name in {"teacher_params", "target_params"} - set(slots):
+        assert getattr(first, name) is None
+    assert all(float(jnp.abs(m).max()) == 0 for m in jax.tree.leaves(first.opt_state[1][0].mu))
 
 
 @pytest.mark.slow

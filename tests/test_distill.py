@@ -318,13 +318,13 @@ def test_a_teacher_with_another_schedule_or_output_is_refused(teacher, tmp_path)
     config = _student_config(teacher)
     config.diffusion.schedule = "linear"
     with pytest.raises(errors.ConfigError, match="diffusion.schedule='cosine'"):
-        teacher_lib.teacher_config(config, config.distill)
+        teacher_lib.teacher_config(config, "distill")
     config = _student_config(teacher, **{"model.hidden": 64})
     with pytest.raises(errors.ConfigError, match="different model shape"):
-        teacher_lib.teacher_config(config, config.distill)
+        teacher_lib.teacher_config(config, "distill")
     config = _student_config(teacher, **{"distill.teacher_output": "v"})
     with pytest.raises(errors.ConfigError, match="predicts 'eps'"):
-        teacher_lib.teacher_config(config, config.distill)
+        teacher_lib.teacher_config(config, "distill")
 
 
 @pytest.mark.parametrize(

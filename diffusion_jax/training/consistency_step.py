@@ -26,14 +26,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh
 
 from diffusion_jax.diffusion import consistency as cm
 from diffusion_jax.diffusion import process as process_lib
 from diffusion_jax.diffusion.process import NoiseProcess
 from diffusion_jax.runtime import streams
 from diffusion_jax.training import state as state_lib
-from diffusion_jax.training import teacher as teacher_lib
 from diffusion_jax.training import train_step
 
 
@@ -118,12 +116,8 @@ def consistency_step(
         state, grads, loss, tx, config.training.ema_decay, shardings
     )
     if state.target_params is not None:
-        mu = c.target_decay
-        new_state = new_state.replace(
-            target_params=jax.tree.map(
-                lambda a, p: mu * a + (1.0 - mu) * p, state.target_params, new_state.params
-            )
-        )
+        target = train_step.moving_average(state.target_params, new_state.params, c.target_decay)
+        new_state = new_state.replace(target_params=target)
     metrics = {
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
@@ -132,22 +126,3 @@ def consistency_step(
         "mean_gap_ratio": jnp.mean((s - r) / s),
     }
     return new_state, metrics
-
-
-def load_teacher(
-    config: ml_collections.ConfigDict,
-    state: state_lib.ConsistencyState,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-) -> state_lib.ConsistencyState:
-    """`state` with the teacher's EMA parameters as student, EMA, target and (distillation)
-    teacher, and a fresh optimiser: the start of a run."""
-    params = teacher_lib.teacher_params(config, config.consistency, mesh)
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)
-    return state.replace(
-        params=copy(params),
-        ema_params=copy(params),
-        opt_state=jax.jit(tx.init)(params),
-        teacher_params=params if state.teacher_params is not None else None,
-        target_params=copy(params) if state.target_params is not None else None,
-    )

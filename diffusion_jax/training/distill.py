@@ -37,13 +37,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
 from diffusion_jax.diffusion import grids, process
 from diffusion_jax.runtime import streams
 from diffusion_jax.sampling import steppers
 from diffusion_jax.training import state as state_lib
-from diffusion_jax.training import teacher as teacher_lib
 from diffusion_jax.training import train_step
 
 
@@ -197,21 +195,3 @@ def distill_step(
         "student_steps": (rounds.start_steps // d).astype(jnp.float32),
     }
     return new_state, metrics
-
-
-def load_teacher(
-    config: ml_collections.ConfigDict,
-    state: state_lib.DistillState,
-    tx: optax.GradientTransformation,
-    mesh: Mesh,
-) -> state_lib.DistillState:
-    """`state` with the teacher's EMA parameters (`teacher_lib.teacher_params`) as parameters, EMA
-    and teacher, and a fresh optimiser: the start of a run."""
-    params = teacher_lib.teacher_params(config, config.distill, mesh)
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)
-    return state.replace(
-        params=copy(params),
-        ema_params=copy(params),
-        teacher_params=params,
-        opt_state=jax.jit(tx.init)(params),
-    )

@@ -44,17 +44,25 @@ class Training:
     verb = "Training"
     mode = "train"
     boundary = 0  # no call must end at a given step
+    teacher = ""  # the config section naming the trained model the run starts from ('': none)
 
     @property
     def total_steps(self) -> int:
         return int(self.config.training.num_train_steps)
 
     def prepare(self, workdir: epath.Path) -> None:
-        """Checks before anything is written to `workdir`."""
+        """Checks before anything is written to `workdir`: a fresh run from a teacher checks
+        it; a resumed one holds what it needs in its own checkpoint (a distillation round's or
+        a consistency distillation's teacher) and does not read the teacher's workdir."""
+        if self.teacher and not checkpoint.checkpoint_steps(workdir):
+            teacher_lib.teacher_config(self.config, self.teacher)
 
     def first_state(self, state: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
-        """The state of a fresh run (no checkpoint yet): the initialised one."""
-        return state
+        """The state of a fresh run (no checkpoint yet): the initialised one, or the teacher's
+        (`teacher.start_from_teacher`)."""
+        if not self.teacher:
+            return state
+        return teacher_lib.start_from_teacher(self.config, self.teacher, state, tx, mesh)
 
     def compile_step(self, apply: Callable[..., jax.Array], tx, mesh: Mesh) -> StepFn:
         diffusion = process.from_config(self.config.diffusion)
@@ -80,6 +88,7 @@ class Distillation(Training):
 
     verb = "Distilling"
     mode = "distill"
+    teacher = "distill"
 
     @property
     def plan(self) -> distill.Plan:
@@ -92,15 +101,6 @@ class Distillation(Training):
     @property
     def total_steps(self) -> int:
         return distill.final_step(self.config)
-
-    def prepare(self, workdir: epath.Path) -> None:
-        """A fresh run checks the teacher; a resumed one reads its round's teacher from its
-        own checkpoint and does not need the teacher's workdir."""
-        if not checkpoint.checkpoint_steps(workdir):
-            teacher_lib.teacher_config(self.config, self.config.distill)
-
-    def first_state(self, state: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
-        return distill.load_teacher(self.config, state, tx, mesh)
 
     def compile_step(self, apply: Callable[..., jax.Array], tx, mesh: Mesh) -> StepFn:
         step = functools.partial(
@@ -130,15 +130,7 @@ class Consistency(Training):
 
     verb = "Consistency training"
     mode = "consistency"
-
-    def prepare(self, workdir: epath.Path) -> None:
-        """A fresh run checks the teacher; a resumed one holds what it needs (the teacher of a
-        distillation in its checkpoint) and does not read the teacher's workdir."""
-        if not checkpoint.checkpoint_steps(workdir):
-            teacher_lib.teacher_config(self.config, self.config.consistency)
-
-    def first_state(self, state: Any, tx: optax.GradientTransformation, mesh: Mesh) -> Any:
-        return consistency_step.load_teacher(self.config, state, tx, mesh)
+    teacher = "consistency"
 
     def compile_step(self, apply: Callable[..., jax.Array], tx, mesh: Mesh) -> StepFn:
         step = functools.partial(

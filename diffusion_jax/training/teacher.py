@@ -1,13 +1,16 @@
 """The trained model a progressive distillation (`distill.py`) or a consistency run
-(`consistency_step.py`) starts from: its workdir's config, checked against the student's, and its
-EMA parameters. `section` is the config section naming it (`config.distill` or
-`config.consistency`: `teacher_workdir`, `teacher_step`, `teacher_output`)."""
+(`consistency_step.py`) starts from: its workdir's config, checked against the student's, its
+EMA parameters, and the run's first state. `name` is the config section naming it ("distill" or
+"consistency": `teacher_workdir`, `teacher_step`, `teacher_output`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import optax
 from jax.sharding import Mesh
 
 from diffusion_jax.runtime import errors
@@ -15,12 +18,11 @@ from diffusion_jax.training import checkpoint
 from diffusion_jax.training import state as state_lib
 
 
-def teacher_config(
-    config: ml_collections.ConfigDict, section: ml_collections.ConfigDict
-) -> ml_collections.ConfigDict:
+def teacher_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """The config saved in the teacher's workdir, checked against `config`: InputError when
     there is none, ConfigError when its model shape, noise schedule or output differ from what
     the student needs."""
+    section = config[name]
     workdir = section.teacher_workdir
     checkpoint.check_workdir_exists(workdir)
     saved = checkpoint.read_config(workdir)
@@ -38,20 +40,18 @@ def teacher_config(
             )
     out = saved.diffusion.get("model_output", "eps")
     if out != section.teacher_output:
-        field = "distill" if section is config.get("distill") else "consistency"
         raise errors.ConfigError(
-            f"the teacher in {workdir} predicts {out!r}, but config.{field}.teacher_output="
+            f"the teacher in {workdir} predicts {out!r}, but config.{name}.teacher_output="
             f"{section.teacher_output!r}; set it to {out!r}"
         )
     return saved
 
 
-def teacher_params(
-    config: ml_collections.ConfigDict, section: ml_collections.ConfigDict, mesh: Mesh
-) -> Any:
-    """The teacher's EMA parameters (checkpoint `section.teacher_step`, -1 = the newest
-    readable one), replicated on `mesh`."""
-    saved = teacher_config(config, section)
+def teacher_params(config: ml_collections.ConfigDict, name: str, mesh: Mesh) -> Any:
+    """The teacher's EMA parameters (checkpoint `teacher_step`, -1 = the newest readable one),
+    replicated on `mesh`."""
+    saved = teacher_config(config, name)
+    section = config[name]
     workdir = section.teacher_workdir
     _, _, abstract = state_lib.abstract_train_state(saved, mesh)
     step = int(section.teacher_step)
@@ -62,3 +62,23 @@ def teacher_params(
         params = restored.ema_params
     print(f"Teacher: {workdir}, checkpoint {step} (EMA parameters).", flush=True)
     return params
+
+
+def start_from_teacher(
+    config: ml_collections.ConfigDict,
+    name: str,
+    state: state_lib.TrainState,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> state_lib.TrainState:
+    """The first state of a run: the teacher's EMA parameters as the student's parameters and
+    EMA, in the state's teacher slot (a `DistillState`'s, a consistency distillation's) and as
+    the start of a consistency run's target network, where the state has them; a fresh
+    optimiser."""
+    params = teacher_params(config, name, mesh)
+    copy = lambda: jax.tree.map(jnp.copy, params)
+    slots = {"teacher_params": lambda: params, "target_params": copy}
+    filled = {k: fill() for k, fill in slots.items() if getattr(state, k, None) is not None}
+    return state.replace(
+        params=copy(), ema_params=copy(), opt_state=jax.jit(tx.init)(params), **filled
+    )

@@ -101,7 +101,7 @@ def apply_gradients(
     if shardings is not None:
         updates = jax.lax.with_sharding_constraint(updates, shardings.ema_params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    ema = moving_average(state.ema_params, params, ema_decay)
     if shardings is not None:
         params = jax.lax.with_sharding_constraint(params, shardings.params)
     bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
@@ -112,6 +112,12 @@ def apply_gradients(
         opt_state=opt_state,
         nonfinite_step=jnp.where(bad, state.step + 1, state.nonfinite_step),
     )
+
+
+def moving_average(average, params, decay):
+    """decay * average + (1 - decay) * params, leaf by leaf (the EMA of the parameters, a
+    consistency run's target network)."""
+    return jax.tree.map(lambda a, p: decay * a + (1.0 - decay) * p, average, params)
 
 
 def multi_step(step_fn, state: state_lib.TrainState, batches: dict[str, jax.Array]):
