@@ -68,7 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.learning_rate = 2e-4
     training.warmup_steps = 5000
     training.grad_clip = 1.0
-    # ZeRO-1: the Adam moments and the EMA split over the data axis, 1/N per device
+    # ZeRO-1: the float32 parameters, Adam moments and EMA split over the data axis, 1/N per
+    # device; each step gathers the parameters (in the compute dtype) for its passes
     training.shard_optimizer = True
     training.ema_decay = 0.9999
     training.label_dropout = 0.0  # probability of replacing the label by the null class (CFG)

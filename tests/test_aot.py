@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
+from flax import nnx
 
 from configs import digits_consistency, digits_distill
 from diffusion_jax.runtime import errors
@@ -215,20 +216,30 @@ def test_the_preview_row_counts_the_train_state_resident_while_it_runs(devices, 
 @needs_libtpu
 @pytest.mark.slow
 def test_zero1_on_a_v3_8_splits_the_state_and_gathers_the_parameters():
-    """The train step compiled by the TPU compiler with the Adam moments and the EMA split
-    over 8 devices: the same FLOPs, fewer argument bytes per device than replicated, and the
-    updated parameters all-gathered (the gradients are still all-reduced: the compiler does
-    not turn the all-reduce and the slice after it into a reduce-scatter)."""
+    """The train step compiled by the TPU compiler with the parameters, the Adam moments and
+    the EMA split over 8 devices: the same FLOPs, fewer argument bytes per device than
+    replicated, and the parameters all-gathered (the gradients are still all-reduced: the
+    compiler does not turn the all-reduce and the slice after it into a reduce-scatter). With
+    `model.dtype=bfloat16` the kernels, which the model reads in bfloat16 only, are gathered
+    in bfloat16 and every gradient is still summed in float32."""
     rows = {}
-    for split in (False, True):
+    for split, dtype in ((False, "float32"), (True, "float32"), (True, "bfloat16")):
         config = _config(16)
         config.model.ch, config.model.num_groups = 16, 4  # every big axis divisible by 8
         config.training.shard_optimizer = split
-        (rows[split],) = aot.run(config, "v3:2x2", ("train",), log=lambda _: None)
-    assert rows[True]["flops"] == pytest.approx(rows[False]["flops"], rel=0.05)
-    assert rows[True]["argument_bytes"] < 0.6 * rows[False]["argument_bytes"]
-    assert rows[False]["collectives"]["ops"] == {"all-reduce": 1}
-    assert rows[True]["collectives"]["ops"].get("all-gather", 0) > 0
+        config.model.dtype = dtype
+        (rows[split, dtype],) = aot.run(config, "v3:2x2", ("train",), log=lambda _: None)
+    replicated, split, mixed = rows.values()
+    assert split["flops"] == pytest.approx(replicated["flops"], rel=0.05)
+    assert split["argument_bytes"] < 0.3 * replicated["argument_bytes"]
+    assert replicated["collectives"]["ops"] == {"all-reduce": 1}
+    assert split["collectives"]["ops"].get("all-gather", 0) > 0
+    assert set(split["collectives"]["dtypes"]) == {"f32"}
+    model = state_lib.abstract_model(config)
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    dtypes = mixed["collectives"]["dtypes"]
+    assert dtypes["f32"] >= 4 * n, dtypes  # the gradients
+    assert 0 < dtypes["bf16"] <= 2 * n, dtypes  # the kernels, gathered
 
 
 @needs_libtpu

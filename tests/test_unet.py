@@ -233,3 +233,31 @@ def test_class_conditional_shapes_and_params():
     for y in (None, jax.ShapeDtypeStruct((2,), jnp.int32)):
         out = jax.eval_shape(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), state, x, t, y)
         assert out.shape == (2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_attention_equals_a_float64_derivation(dtype, tol):
+    """AttnBlock (official `attn_block`): x + proj_out(softmax(q k^T / sqrt(C)) v) over the
+    H*W positions, q, k, v 1x1 projections of GroupNorm(x); against float64 numpy from the
+    block's own parameters (random, so that every term matters)."""
+    layers = _Layers(num_groups=4, eps=1e-6, dtype=dtype, rngs=nnx.Rngs(0))
+    block = AttnBlock(16, layers)
+    rng = np.random.default_rng(0)
+    for _, p in nnx.iter_graph(block):
+        if isinstance(p, nnx.Param):
+            p.set_value(jnp.asarray(rng.normal(0, 0.3, p.shape), jnp.float32))
+    x = rng.normal(0.5, 2.0, (2, 4, 4, 16))
+    out = np.asarray(jax.jit(lambda v: block(v))(jnp.asarray(x, jnp.float32)), np.float64)
+
+    param = lambda layer, name: np.asarray(getattr(layer, name).get_value(), np.float64)
+    g = x.reshape(2, 16, 4, 4)  # [B, positions, groups, channels per group]
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = g.var(axis=(1, 3), keepdims=True)
+    h = ((g - mean) / np.sqrt(var + 1e-6)).reshape(2, 16, 16)
+    h = h * param(block.norm, "scale") + param(block.norm, "bias")
+    q, k, v = (h @ param(f, "kernel") + param(f, "bias") for f in (block.q, block.k, block.v))
+    logits = q @ k.transpose(0, 2, 1) / np.sqrt(16)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    a = (w / w.sum(-1, keepdims=True)) @ v
+    ref = x + (a @ param(block.proj_out, "kernel") + param(block.proj_out, "bias")).reshape(x.shape)
+    assert np.abs(out - ref).max() / np.abs(ref).max() < tol

@@ -103,7 +103,8 @@ def consistency_step(
         _, x0_hat = predict(params, output, x, alpha, sigma, t, key_dropout)
         return cm.consistency_fn(x, x0_hat, alpha, level, s_min)
 
-    target_params = state.target_params if state.target_params is not None else state.params
+    params = train_step.whole(state.params, shardings)
+    target_params = state.target_params if state.target_params is not None else params
     target = jax.lax.stop_gradient(f(target_params, x_r, alpha_r, sigma_r, t_r, r))
     w = cm.weight(s, r, c.weighting)
 
@@ -111,7 +112,7 @@ def consistency_step(
         online = f(params, x_s, alpha_s, sigma_s, t_s, s)
         return jnp.mean(w * cm.distance(online, target, c.distance))
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
     new_state = train_step.apply_gradients(
         state, grads, loss, tx, config.training.ema_decay, shardings
     )

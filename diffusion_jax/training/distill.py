@@ -182,7 +182,7 @@ def distill_step(
         mse = jnp.mean(jnp.square(x0_hat - target).reshape(b, -1), axis=1)
         return jnp.mean(weight * mse)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    loss, grads = jax.value_and_grad(loss_fn)(train_step.whole(state.params, shardings))
     new_state = train_step.apply_gradients(
         state, grads, loss, tx, config.training.ema_decay, shardings
     )

@@ -116,11 +116,14 @@ def init_train_state(
 
 def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
     """Where each leaf of `config`'s train state lives on `mesh` (a TrainState of
-    shardings): the parameters (and a distillation's teacher) replicated, for the forward and
-    backward passes; with `training.shard_optimizer` (ZeRO-1) the Adam moments and the EMA
-    split over the data axis (`distributed.split_over_data`), so each device reads, updates and
-    stores 1/N of them. The step sums the gradients, keeps each device's part for the update
-    and all-gathers the new parameters (`train_step.apply_gradients`)."""
+    shardings): replicated, or with `training.shard_optimizer` (ZeRO-1, Rajbhandari et al.
+    2020, stage 1 with the float32 master parameters counted as optimiser state) the
+    parameters, the Adam moments and the EMA split over the data axis
+    (`distributed.split_over_data`), so each device stores and updates 1/N of them. The step
+    gathers the parameters whole for the forward and backward passes
+    (`train_step.whole`) and keeps each device's part of the summed gradients
+    (`train_step.apply_gradients`); a distillation's teacher and a consistency run's target
+    network stay replicated."""
     shapes = jax.eval_shape(lambda: init_train_state(config)[2])
     repl = distributed.replicated(mesh)
     out = jax.tree.map(lambda _: repl, shapes)
@@ -128,6 +131,7 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState
         return out
     split = lambda x: distributed.split_over_data(mesh, x.shape)
     return out.replace(
+        params=jax.tree.map(split, shapes.params),
         ema_params=jax.tree.map(split, shapes.ema_params),
         opt_state=jax.tree.map(split, shapes.opt_state),
     )

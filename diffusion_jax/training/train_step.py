@@ -1,10 +1,10 @@
 """The pure train step, jit-compiled over a device mesh: shared by the training loop
 (`train.py`), the TPU compile check (`aot.py`) and the benchmark.
 
-The batch is sharded over the mesh's 'data' axis; the parameters and the timestep sampler's
-loss history are replicated; the Adam moments and the EMA are split over the data axis
-(ZeRO-1, `state.state_shardings`), or replicated with `training.shard_optimizer=False`. The
-old state is donated.
+The batch is sharded over the mesh's 'data' axis; the timestep sampler's loss history is
+replicated; the float32 parameters, the Adam moments and the EMA are split over the data axis
+(ZeRO-1, `state.state_shardings`; the step gathers the parameters whole, `whole`), or
+replicated with `training.shard_optimizer=False`. The old state is donated.
 Dropout, timestep and noise keys derive from the step number (`streams.Stream.TRAIN`), so a
 resumed run continues exactly as an uninterrupted one would.
 """
@@ -62,7 +62,7 @@ def train_step(
         )
         return jnp.mean(terms["loss"] * weights), terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(whole(state.params, shardings))
     history = state.loss_history
     if history is not None:  # IDDPM importance sampling follows the bound terms L_t
         tracked = terms["vb"] if config.diffusion.loss_type != "mse" else terms["loss"]
@@ -91,19 +91,15 @@ def apply_gradients(
     the parameters, their EMA (decay * ema + (1 - decay) * params), and the first step whose
     loss was not finite.
 
-    With `shardings` (inside a jit over a mesh) the gradients are placed as the EMA is (split
-    over the data axis under ZeRO-1; the TPU compiler all-reduces them and keeps each device's
-    part, BENCHMARKS.md), the optimiser updates each device's part, and the new parameters are
-    placed as the old ones (an all-gather of the parts)."""
+    With `shardings` (inside a jit over a mesh) the summed gradients are placed as the
+    parameters are: under ZeRO-1 each device keeps its part (the TPU compiler all-reduces
+    them and slices, BENCHMARKS.md) and updates its part of the parameters, the moments and
+    the EMA."""
     if shardings is not None:
-        grads = jax.lax.with_sharding_constraint(grads, shardings.ema_params)
+        grads = jax.lax.with_sharding_constraint(grads, shardings.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    if shardings is not None:
-        updates = jax.lax.with_sharding_constraint(updates, shardings.ema_params)
     params = optax.apply_updates(state.params, updates)
     ema = moving_average(state.ema_params, params, ema_decay)
-    if shardings is not None:
-        params = jax.lax.with_sharding_constraint(params, shardings.params)
     bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
     return state.replace(
         step=state.step + 1,
@@ -112,6 +108,16 @@ def apply_gradients(
         opt_state=opt_state,
         nonfinite_step=jnp.where(bad, state.step + 1, state.nonfinite_step),
     )
+
+
+def whole(params, shardings: state_lib.TrainState | None):
+    """`params` whole on every device, as the forward and backward passes read them: under
+    ZeRO-1 an all-gather of the devices' parts. A parameter the model reads only in bfloat16
+    (`models.precision`) is gathered in bfloat16: XLA casts each part before the gather. The
+    gradients with respect to the result are float32."""
+    if shardings is None:
+        return params
+    return jax.lax.with_sharding_constraint(params, shardings.step)  # the replicated placement
 
 
 def moving_average(average, params, decay):
