@@ -112,9 +112,10 @@ def apply_gradients(
 
 def whole(params, shardings: state_lib.TrainState | None):
     """`params` whole on every device, as the forward and backward passes read them: under
-    ZeRO-1 an all-gather of the devices' parts. A parameter the model reads only in bfloat16
-    (`models.precision`) is gathered in bfloat16: XLA casts each part before the gather. The
-    gradients with respect to the result are float32."""
+    ZeRO-1 an all-gather of the devices' parts. A parameter that the passes read only in
+    bfloat16 (a bfloat16 model's kernels, `models.precision`; on a TPU also a float32 model's,
+    whose products at default precision take one bfloat16 pass) is gathered in bfloat16: XLA
+    casts each part before the gather. The gradients with respect to the result are float32."""
     if shardings is None:
         return params
     return jax.lax.with_sharding_constraint(params, shardings.step)  # the replicated placement
