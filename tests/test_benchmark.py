@@ -73,6 +73,28 @@ def test_options_are_the_flags():
         values["init"].parse("device")
 
 
+def test_harness_forward_programs_on_eight_devices(devices):
+    """On 8 devices the train state splits the parameters (ZeRO-1); the sampling and
+    bits/dim programs take them whole (`Benchmark.params`) and run."""
+    opts = bench.Options(
+        only=("sample", "bpd"),
+        dtypes=("float32",),
+        batch=8,
+        warmup=0,
+        sample_images=8,
+        sample_steps=2,
+        sample_repeats=1,
+        bpd_batch=8,
+        bpd_timesteps=2,
+        init="host",
+        num_devices=8,
+        forward_flops=False,
+    )
+    result = measure.run_benchmark(_tiny_config(), opts, log=lambda _: None)
+    assert result["device"]["count"] == 8
+    assert {r["task"] for r in result["results"]} == {"sample", "bpd"}
+
+
 def test_harness_on_a_tiny_unet(tmp_path):
     opts = bench.Options(
         only=("train", "sample", "bpd"),

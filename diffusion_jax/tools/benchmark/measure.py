@@ -130,6 +130,11 @@ class Benchmark:
             cfg.training.batch_size = batch
         return cfg
 
+    def params(self) -> Any:
+        """The float32 parameters whole on every device, as the forward, sampling and bits/dim
+        programs take them (the train state splits them over the devices under ZeRO-1)."""
+        return jax.device_put(self.state().params, distributed.replicated(self.mesh))
+
     def state(self) -> state_lib.TrainState:
         """The float32 train state, shared by every dtype (the parameters do not depend on
         the compute dtype); rebuilt if a failed run consumed it. See `Options.init`."""
@@ -209,7 +214,7 @@ class Benchmark:
         """XLA's FLOPs of one forward pass per image (no compile: the lowered module)."""
         batch = max(batch // self.n_dev, 1) * self.n_dev
         apply = self.apply_for(dtype)
-        params = self.state().params
+        params = self.params()
         x = self._sharded_images(batch)["image"]
         t = jnp.zeros((batch,), jnp.int32)
         lowered = jax.jit(lambda p, x, t: apply(p, x, t)).lower(params, x, t)
@@ -334,7 +339,7 @@ class Benchmark:
             out_shardings=sharded,
             compiler_options=distributed.compiler_options(self.mesh),
         )
-        params = self.state().params
+        params = self.params()
         x = self._sharded_images(batch)["image"]
         t = jax.device_put(jnp.arange(batch, dtype=jnp.int32), sharded)
         compiled, timing = self._compile_and_time(fn, (params, x, t), self.opts.repeats)
@@ -358,7 +363,7 @@ class Benchmark:
         self._check_batch(images, "--sample_images")
         respacing = "" if steps == total else str(steps)
         sampler = generation.make_sampler(cfg, self.apply_for(dtype), self.mesh, images, respacing)
-        params = self.state().params
+        params = self.params()
         key = jax.random.PRNGKey(0)
         labels = self._sharded_images(images)["label"]
         compiled, timing = self._compile_and_time(
@@ -400,7 +405,7 @@ class Benchmark:
         data = self._sharded_images(batch, uint8=True)
         local = batch // jax.process_count()
         mask = distributed.global_batch({"mask": np.ones(local, np.float32)}, self.mesh)["mask"]
-        args = (self.state().params, data["image"], data["label"], mask, jax.random.PRNGKey(0))
+        args = (self.params(), data["image"], data["label"], mask, jax.random.PRNGKey(0))
         compiled, timing = self._compile_and_time(fn, args, self.opts.sample_repeats)
         note = "full chain" if steps == total else f"bound of a {steps}-step chain, not {total}"
         result = row(
