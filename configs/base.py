@@ -69,7 +69,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     training.warmup_steps = 5000
     training.grad_clip = 1.0
     # ZeRO-1: the float32 parameters, Adam moments and EMA split over the data axis, 1/N per
-    # device; each step gathers the parameters (in the compute dtype) for its passes
+    # device; each step gathers the parameters whole (on a TPU the kernels in bfloat16)
     training.shard_optimizer = True
     training.ema_decay = 0.9999
     training.label_dropout = 0.0  # probability of replacing the label by the null class (CFG)

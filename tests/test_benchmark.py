@@ -74,10 +74,10 @@ def test_options_are_the_flags():
 
 
 def test_harness_forward_programs_on_eight_devices(devices):
-    """On 8 devices the train state splits the parameters (ZeRO-1); the sampling and
-    bits/dim programs take them whole (`Benchmark.params`) and run."""
+    """On 8 devices the train state splits the parameters (ZeRO-1); the forward, sampling
+    and bits/dim programs take them whole (`Benchmark.params`) and run."""
     opts = bench.Options(
-        only=("sample", "bpd"),
+        only=("forward", "sample", "bpd"),
         dtypes=("float32",),
         batch=8,
         warmup=0,
@@ -92,7 +92,7 @@ def test_harness_forward_programs_on_eight_devices(devices):
     )
     result = measure.run_benchmark(_tiny_config(), opts, log=lambda _: None)
     assert result["device"]["count"] == 8
-    assert {r["task"] for r in result["results"]} == {"sample", "bpd"}
+    assert {r["task"] for r in result["results"]} == {"forward", "sample", "bpd"}
 
 
 def test_harness_on_a_tiny_unet(tmp_path):

@@ -1,6 +1,7 @@
 """Device mesh and sharding helpers: data parallelism with `jax.jit` over a 1-D 'data' mesh.
 
-Parameters, EMA and optimiser state are replicated; batches are sharded on their batch axis.
+Batches are sharded on their batch axis; the train state is replicated or, under ZeRO-1, split
+over the 'data' axis (`split_over_data`).
 The same code runs on 1 device, 8 TPU cores and many hosts (each host feeds its local shard).
 """
 

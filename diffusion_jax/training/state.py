@@ -119,11 +119,12 @@ def state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState
     shardings): replicated, or with `training.shard_optimizer` (ZeRO-1, Rajbhandari et al.
     2020, stage 1 with the float32 master parameters counted as optimiser state) the
     parameters, the Adam moments and the EMA split over the data axis
-    (`distributed.split_over_data`), so each device stores and updates 1/N of them. The step
-    gathers the parameters whole for the forward and backward passes
-    (`train_step.whole`) and keeps each device's part of the summed gradients
-    (`train_step.apply_gradients`); a distillation's teacher and a consistency run's target
-    network stay replicated."""
+    (`distributed.split_over_data`: an array with no axis the device count divides stays
+    replicated), so each device stores and updates 1/N of them. The step gathers the
+    parameters whole for the forward and backward passes (`train_step.whole`) and keeps each
+    device's part of the summed gradients (`train_step.apply_gradients`). The step counter,
+    the loss history, a distillation's teacher and a consistency run's target network stay
+    replicated."""
     shapes = jax.eval_shape(lambda: init_train_state(config)[2])
     repl = distributed.replicated(mesh)
     out = jax.tree.map(lambda _: repl, shapes)

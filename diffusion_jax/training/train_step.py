@@ -112,13 +112,14 @@ def apply_gradients(
 
 def whole(params, shardings: state_lib.TrainState | None):
     """`params` whole on every device, as the forward and backward passes read them: under
-    ZeRO-1 an all-gather of the devices' parts. A parameter that the passes read only in
-    bfloat16 (a bfloat16 model's kernels, `models.precision`; on a TPU also a float32 model's,
+    ZeRO-1 an all-gather of the devices' parts. On a TPU, a parameter that the passes read
+    only in bfloat16 (a bfloat16 model's kernels, `models.precision`; a float32 model's too,
     whose products at default precision take one bfloat16 pass) is gathered in bfloat16: XLA
-    casts each part before the gather. The gradients with respect to the result are float32."""
+    casts each part before the gather (BENCHMARKS.md). The gradients with respect to the
+    result are float32. `shardings.step` is the replicated placement (`state_shardings`)."""
     if shardings is None:
         return params
-    return jax.lax.with_sharding_constraint(params, shardings.step)  # the replicated placement
+    return jax.lax.with_sharding_constraint(params, shardings.step)
 
 
 def moving_average(average, params, decay):
