@@ -73,42 +73,27 @@ def test_options_are_the_flags():
         values["init"].parse("device")
 
 
+def _tiny_options(**changes) -> bench.Options:
+    """float32, batch 8, 2-step chains of 8 images, no warmup: seconds per task."""
+    tiny = dict(dtypes=("float32",), batch=8, warmup=0, sample_images=8, sample_steps=2)
+    tiny.update(sample_repeats=1, bpd_batch=8, bpd_timesteps=2, init="host")
+    return bench.Options(**{**tiny, **changes})
+
+
 def test_harness_forward_programs_on_eight_devices(devices):
     """On 8 devices the train state splits the parameters (ZeRO-1); the forward, sampling
     and bits/dim programs take them whole (`Benchmark.params`) and run."""
-    opts = bench.Options(
-        only=("forward", "sample", "bpd"),
-        dtypes=("float32",),
-        batch=8,
-        warmup=0,
-        sample_images=8,
-        sample_steps=2,
-        sample_repeats=1,
-        bpd_batch=8,
-        bpd_timesteps=2,
-        init="host",
-        num_devices=8,
-        forward_flops=False,
-    )
+    opts = _tiny_options(only=("forward", "sample", "bpd"), num_devices=8, forward_flops=False)
     result = measure.run_benchmark(_tiny_config(), opts, log=lambda _: None)
     assert result["device"]["count"] == 8
     assert {r["task"] for r in result["results"]} == {"forward", "sample", "bpd"}
 
 
 def test_harness_on_a_tiny_unet(tmp_path):
-    opts = bench.Options(
+    opts = _tiny_options(
         only=("train", "sample", "bpd"),
-        dtypes=("float32",),
-        batch=8,
-        warmup=0,
         repeats=2,
         iters=1,
-        sample_images=8,
-        sample_steps=2,
-        sample_repeats=1,
-        bpd_batch=8,
-        bpd_timesteps=2,
-        init="host",
         num_devices=1,  # the 8-device SPMD compile is 2x slower; same code path otherwise
         profile=str(tmp_path / "trace"),
     )
